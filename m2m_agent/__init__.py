@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import contextlib
 
+from m2m_agent._async_manager import AsyncTokenManager as AsyncTokenManager
+from m2m_agent._auth import M2MAuth as M2MAuth
 from m2m_agent._client import AsyncClerkM2MClient as AsyncClerkM2MClient
 from m2m_agent._client import ClerkM2MClient as ClerkM2MClient
+from m2m_agent._policy import RefreshPolicy as RefreshPolicy
+from m2m_agent._refresh import Statistics as Statistics
+from m2m_agent._refresh import TokenState as TokenState
+from m2m_agent._sync_manager import TokenManager as TokenManager
 from m2m_agent._token import M2MToken as M2MToken
 from m2m_agent._token import M2MTokenList as M2MTokenList
 from m2m_agent._token import TokenFormat as TokenFormat
@@ -31,12 +37,14 @@ from m2m_agent.errors import TransportError as TransportError
 
 __all__ = [
     "AsyncClerkM2MClient",
+    "AsyncTokenManager",
     "AuthenticationError",
     "BadRequestError",
     "ClerkAPIError",
     "ClerkM2MClient",
     "ConfigurationError",
     "InvalidTokenError",
+    "M2MAuth",
     "M2MAgentError",
     "M2MToken",
     "M2MTokenList",
@@ -44,8 +52,12 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RefreshPolicy",
     "ServerError",
+    "Statistics",
     "TokenFormat",
+    "TokenManager",
+    "TokenState",
     "TokenUnavailableError",
     "TransportError",
     "__version__",

@@ -1,0 +1,320 @@
+"""``AsyncTokenManager``: the async driver (anyio: asyncio and trio).
+
+Mints run in their own task (a system task of the caller's event loop), never in a caller's: a
+cancelled caller never cancels the shared mint, and a mint outlives no loop. Callers on the
+mint's loop wait on an ``anyio.Event``; callers on another loop (another thread, a later
+``asyncio.run()``) wait on a thread-safe event from a worker thread, so one manager serves them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+import sniffio
+import tenacity
+
+from m2m_agent._client import AsyncClerkM2MClient
+from m2m_agent._manager_base import REVOKE_TIMEOUT, ManagerBase, log
+from m2m_agent._policy import RefreshPolicy
+from m2m_agent._secrets import Secret
+from m2m_agent._token import TokenFormat
+from m2m_agent.errors import ConfigurationError
+
+__all__ = ["AsyncTokenManager"]
+
+_background_tasks: set[asyncio.Task[None]] = set()
+
+
+def _spawn_system_task(fn: Callable[[], Awaitable[None]]) -> None:
+    """Run ``fn`` in a task of the current loop that belongs to no caller."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(fn)
+        return
+
+    async def run() -> None:
+        await fn()
+
+    task = asyncio.get_running_loop().create_task(run())
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
+
+
+class _Flight:
+    """One mint flight, awaitable from any event loop."""
+
+    def __init__(self) -> None:
+        self.loop = anyio.lowlevel.current_token()
+        self.local = anyio.Event()
+        self.done = threading.Event()
+
+    def finish(self) -> None:
+        self.local.set()
+        self.done.set()
+
+    async def wait(self, budget: float) -> None:
+        with anyio.move_on_after(budget):
+            if anyio.lowlevel.current_token() == self.loop:
+                await self.local.wait()
+            else:
+                await anyio.to_thread.run_sync(self.done.wait, budget, abandon_on_cancel=True)
+
+
+class AsyncTokenManager(ManagerBase):
+    """Keeps an async application supplied with a valid M2M token (asyncio or trio).
+
+    ``await manager.get_token()`` returns a token with comfortably more than the safety margin
+    left. Entering ``async with manager`` starts a background refresher that mints ahead of
+    expiry; without it, refresh happens on demand with the same guarantees. One manager can
+    serve several event loops (successive ``asyncio.run()`` calls, threads with their own loops).
+
+    Args:
+        machine_secret_key: The machine secret key (``ak_...``); default
+            ``CLERK_MACHINE_SECRET_KEY``.
+        api_url: The Backend API URL; default ``CLERK_API_URL``, then Clerk's.
+        lifetime: Seconds each minted token lives (default one hour).
+        claims: Custom claims for the tokens.
+        token_format: ``"opaque"`` (default) or ``"jwt"``.
+        refresh: When to refresh and how to retry (:class:`RefreshPolicy`).
+        revoke_on_close: Revoke the current opaque token on ``aclose()``, if this process alone
+            minted it (default True).
+        client: Your own :class:`AsyncClerkM2MClient` (then ``machine_secret_key`` and
+            ``api_url`` must not be given). Not closed by the manager.
+
+    Raises:
+        ConfigurationError: a setting is missing or wrong.
+    """
+
+    def __init__(
+        self,
+        *,
+        machine_secret_key: str | Secret | None = None,
+        api_url: str | None = None,
+        lifetime: float = 3600.0,
+        claims: Mapping[str, Any] | None = None,
+        token_format: TokenFormat = "opaque",
+        refresh: RefreshPolicy | None = None,
+        revoke_on_close: bool = True,
+        client: AsyncClerkM2MClient | None = None,
+    ) -> None:
+        super().__init__(
+            lifetime=lifetime,
+            claims=claims,
+            token_format=token_format,
+            refresh=refresh,
+            revoke_on_close=revoke_on_close,
+        )
+        if client is not None:
+            if machine_secret_key is not None or api_url is not None:
+                raise ConfigurationError("Give either client= or machine_secret_key/api_url.")
+            if not isinstance(client, AsyncClerkM2MClient):
+                raise ConfigurationError(
+                    "client must be an AsyncClerkM2MClient (use TokenManager for ClerkM2MClient)."
+                )
+        # Validates the key and URL now; an owned client is made per flight, on its loop.
+        self._template = client or AsyncClerkM2MClient(machine_secret_key, api_url=api_url)
+        self._own_client = client is None
+        self._flight: _Flight | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncTokenManager {self._template!r} format={self._token_format!r}>"
+
+    @asynccontextmanager
+    async def _client(self) -> AsyncIterator[AsyncClerkM2MClient]:
+        if not self._own_client:
+            yield self._template
+            return
+        # httpx connection pools belong to one event loop: a fresh client per flight (a few
+        # per hour) lets the manager outlive loops.
+        template = self._template
+        async with AsyncClerkM2MClient(
+            template._key, api_url=template.api_url, allow_insecure_http=True
+        ) as client:
+            yield client
+
+    # -- callers ---------------------------------------------------------------------------
+
+    async def get_token(self) -> str:
+        """A token with comfortably more than the safety margin left.
+
+        Returns at once when one is cached; otherwise waits for the single in-flight mint, at
+        most ``refresh.wait_timeout`` seconds.
+
+        Raises:
+            TokenUnavailableError: no usable token within the wait budget, or the last mint
+                failed for good (a wrong key); ``__cause__`` is the last failure.
+        """
+        with self._lock:
+            plan = self._core.plan(time.monotonic())
+            flight = self._start_flight() if plan.start_flight else self._flight
+        if plan.token is not None:
+            return plan.token
+        if plan.fail is not None:
+            raise self._unavailable(plan.fail)
+        deadline = time.monotonic() + self._policy.wait_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if flight is not None and remaining > 0:
+                await flight.wait(remaining)
+            with self._lock:
+                now = time.monotonic()
+                token = self._core.usable_token(now)
+                if token is not None:
+                    return token
+                if now >= deadline or self._core.last_error_fatal or self._core.closed:
+                    self._core.wait_timed_out()
+                    cause = self._core.last_error
+                    break
+                flight = self._flight or self._start_flight()
+        raise self._unavailable(cause)
+
+    # -- the flight ------------------------------------------------------------------------
+
+    def _start_flight(self) -> _Flight:
+        """Start a mint flight on the current loop (call with the lock held)."""
+        flight = _Flight()
+        self._flight = flight
+        self._core.flight_started()
+        _spawn_system_task(lambda: self._run_flight(flight))
+        return flight
+
+    async def _run_flight(self, flight: _Flight) -> None:
+        try:
+            with self._lock:
+                delay = self._core.delay_before_attempt(time.monotonic())
+            await anyio.sleep(delay)
+            async with self._client() as client:
+                retrying = tenacity.AsyncRetrying(
+                    sleep=anyio.sleep,
+                    retry=tenacity.retry_if_exception(lambda _: self._should_retry()),
+                    wait=lambda _: self._retry_delay(),
+                    reraise=True,
+                )
+                try:
+                    async for attempt in retrying:
+                        with attempt:
+                            await self._attempt(client)
+                except Exception:  # noqa: S110 - recorded and logged by _attempt
+                    pass
+                await self._revoke_due(client)
+        finally:
+            with self._lock:
+                self._core.flight_finished()
+                if self._flight is flight:
+                    self._flight = None
+            flight.finish()
+
+    def _should_retry(self) -> bool:
+        with self._lock:
+            return self._core.should_retry(time.monotonic())
+
+    def _retry_delay(self) -> float:
+        with self._lock:
+            return self._core.delay_before_attempt(time.monotonic())
+
+    async def _attempt(self, client: AsyncClerkM2MClient) -> None:
+        sent_at = time.monotonic()
+        try:
+            token = await client.create_token(**self._minted_args())
+            with self._lock:
+                entry = self._core.attempt_succeeded(token, sent_at=sent_at, now=time.monotonic())
+        except Exception as exc:
+            with self._lock:
+                now = time.monotonic()
+                self._core.attempt_failed(exc, now)
+                retry_in = self._core.delay_before_attempt(now)
+                retrying = self._core.should_retry(now)
+            self._log_failure(exc, retry_in=retry_in if retrying else None)
+            raise
+        self._log_minted(entry)
+
+    async def _revoke_due(self, client: AsyncClerkM2MClient, *, everything: bool = False) -> None:
+        with self._lock:
+            due = self._core.due_revocations(time.monotonic(), everything=everything)
+        for token_id in due:
+            await self._revoke(client, token_id)
+
+    async def _revoke(self, client: AsyncClerkM2MClient, token_id: str) -> None:
+        error: Exception | None = None
+        try:
+            await client.revoke_token(token_id, reason="rotated by m2m-agent")
+        except Exception as exc:  # best effort: logged and counted, never raised
+            error = exc
+        with self._lock:
+            self._core.revocation_done(ok=error is None)
+        self._log_revocation(token_id, error)
+
+    # -- background refresher and lifecycle ------------------------------------------------
+
+    async def _refresher(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                wake = self._core.next_wakeup(now)
+            await anyio.sleep(max(0.0, wake - now))
+            with self._lock:
+                if self._core.closed:
+                    return
+                now = time.monotonic()
+                flight = self._start_flight() if self._core.refresh_due(now) else self._flight
+                revocation_due = (self._core.next_revocation_at() or float("inf")) <= now
+            if flight is not None:
+                await flight.wait(self._policy.wait_timeout + self._policy.max_backoff)
+            elif revocation_due:
+                async with self._client() as client:
+                    await self._revoke_due(client)
+
+    async def __aenter__(self) -> AsyncTokenManager:
+        if self._task_group is not None:
+            raise RuntimeError("This AsyncTokenManager is already entered.")
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        task_group.start_soon(self._refresher)
+        self._task_group = task_group
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the refresher and revoke what this process alone owns (best effort, bounded).
+
+        Revokes tokens waiting out their rotation grace and, with ``revoke_on_close``, the
+        current opaque token. JWT-format tokens cannot be revoked and are left to expire.
+        """
+        with self._lock:
+            to_revoke = self._core.close(revoke_current=self._revoke_on_close)
+        task_group, self._task_group = self._task_group, None
+        if task_group is not None:
+            task_group.cancel_scope.cancel()
+            await task_group.__aexit__(None, None, None)
+        if to_revoke:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(REVOKE_TIMEOUT):
+                async with self._client() as client:
+                    for token_id in to_revoke:
+                        await self._revoke(client, token_id)
+        if self._own_client:
+            with anyio.CancelScope(shield=True):
+                await self._template.aclose()
+
+    def _reset_after_fork(self) -> None:
+        self._flight = None
+        self._task_group = None
+        log.debug("m2m_agent.manager.async_fork_reset")

@@ -1,0 +1,227 @@
+"""The ``m2m-agent`` command line: ``demo``, ``emulator``, ``verify``, ``revoke``, ``list``.
+
+Exit codes a shell user can act on:
+
+- 0: done;
+- 1: Clerk said no (an invalid token, a refused request);
+- 2: a usage or configuration mistake (the message says what to fix);
+- 3: Clerk could not be reached, or no token could be had in time;
+- 130: interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from m2m_agent import _version
+from m2m_agent._client import ClerkM2MClient
+from m2m_agent._token import M2MToken
+from m2m_agent.errors import (
+    ClerkAPIError,
+    ConfigurationError,
+    InvalidTokenError,
+    M2MAgentError,
+    TokenUnavailableError,
+    TransportError,
+)
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+
+def token_to_json(token: M2MToken) -> dict[str, Any]:
+    """The token's public fields as JSON (never the secret)."""
+    return {
+        "id": token.id,
+        "subject": token.subject,
+        "scopes": list(token.scopes),
+        "claims": token.claims,
+        "format": token.format,
+        "revoked": token.revoked,
+        "revocation_reason": token.revocation_reason,
+        "expired": token.expired,
+        "expiration": token.expiration.isoformat() if token.expiration else None,
+        "created_at": token.created_at.isoformat() if token.created_at else None,
+    }
+
+
+def _client(args: argparse.Namespace) -> ClerkM2MClient:
+    return ClerkM2MClient(args.key, api_url=args.api_url)
+
+
+def _read_token(value: str, stdin: TextIO) -> str:
+    return stdin.readline().strip() if value == "-" else value
+
+
+def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as client:
+        token = client.verify_token(_read_token(args.token, sys.stdin))
+    out.write(json.dumps(token_to_json(token), indent=2) + "\n")
+    return EXIT_OK
+
+
+def _cmd_revoke(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as client:
+        token = client.revoke_token(args.token_id, reason=args.reason)
+    out.write(json.dumps(token_to_json(token), indent=2) + "\n")
+    return EXIT_OK
+
+
+def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as client:
+        page = client.list_tokens(
+            subject=args.subject,
+            revoked=args.revoked,
+            expired=args.expired,
+            limit=args.limit,
+            offset=args.offset,
+        )
+    out.write(
+        json.dumps(
+            {"total_count": page.total_count, "tokens": [token_to_json(t) for t in page]},
+            indent=2,
+        )
+        + "\n"
+    )
+    return EXIT_OK
+
+
+def _cmd_emulator(args: argparse.Namespace, out: TextIO) -> int:
+    from m2m_agent._emulator_command import serve_emulator
+
+    return serve_emulator(args, out)
+
+
+def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    from m2m_agent._demo import run_demo
+
+    return run_demo(args, out)
+
+
+def _add_api_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--key",
+        default=None,
+        help="machine secret key (ak_...); default: $CLERK_MACHINE_SECRET_KEY. Prefer the "
+        "environment variable: arguments show up in `ps`.",
+    )
+    parser.add_argument(
+        "--api-url",
+        default=None,
+        help="Backend API URL; default: $CLERK_API_URL, else https://api.clerk.com",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``m2m-agent``."""
+    parser = argparse.ArgumentParser(
+        prog="m2m-agent",
+        description="Clerk machine-to-machine tokens for workers, cron jobs and shell scripts.",
+        epilog="Exit codes: 0 ok, 1 refused by Clerk, 2 usage or configuration error, "
+        "3 Clerk unreachable, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="see it work: mint, call a protected service, verify, revoke (embedded emulator)",
+        description="Run the main job end to end on the embedded Clerk emulator (no account, "
+        "no network), or on Clerk itself with --real and CLERK_MACHINE_SECRET_KEY set.",
+    )
+    demo.add_argument("--json", action="store_true", help="print one JSON summary")
+    demo.add_argument("--lifetime", type=float, default=60.0, help="token lifetime in seconds")
+    demo.add_argument(
+        "--real", action="store_true", help="use Clerk itself ($CLERK_MACHINE_SECRET_KEY)"
+    )
+    demo.set_defaults(handler=_cmd_demo)
+
+    emulator = commands.add_parser(
+        "emulator",
+        help="serve the local Clerk M2M API emulator over HTTP on loopback",
+        description="Serve the Clerk M2M API emulator on loopback until interrupted, printing "
+        "the URL and a machine secret key to use with it.",
+    )
+    emulator.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
+    emulator.add_argument("--port", type=int, default=8787, help="port (0 picks a free one)")
+    emulator.add_argument(
+        "--machine",
+        action="append",
+        default=None,
+        metavar="NAME[=ak_KEY]",
+        help="create a machine (repeatable), optionally with a fixed key; default: one machine "
+        "'worker' whose key is $M2M_AGENT_EMULATOR_KEY or random. Every machine may verify "
+        "every other's tokens.",
+    )
+    emulator.add_argument("--json", action="store_true", help="print the settings as JSON")
+    emulator.set_defaults(handler=_cmd_emulator)
+
+    verify = commands.add_parser(
+        "verify",
+        help="verify a token with Clerk and print its fields",
+        description="Ask Clerk whether TOKEN is valid for this machine; prints its public "
+        "fields as JSON. Exit 1 if it is not.",
+    )
+    verify.add_argument("token", help="the token to verify, or - to read it from stdin")
+    _add_api_options(verify)
+    verify.set_defaults(handler=_cmd_verify)
+
+    revoke = commands.add_parser(
+        "revoke",
+        help="revoke an opaque token by id",
+        description="Revoke the opaque token TOKEN_ID (mt_ + 32 hex); JWTs cannot be revoked.",
+    )
+    revoke.add_argument("token_id", help="the token id (mt_...), not the token itself")
+    revoke.add_argument("--reason", default=None, help="revocation reason to record")
+    _add_api_options(revoke)
+    revoke.set_defaults(handler=_cmd_revoke)
+
+    listing = commands.add_parser(
+        "list",
+        help="list a machine's opaque tokens",
+        description="List the stored (opaque) tokens of machine SUBJECT, newest first.",
+    )
+    listing.add_argument("subject", help="machine id (mch_...)")
+    listing.add_argument("--revoked", action="store_true", help="include revoked tokens")
+    listing.add_argument("--expired", action="store_true", help="include expired tokens")
+    listing.add_argument("--limit", type=int, default=10, help="page size, 1 to 100")
+    listing.add_argument("--offset", type=int, default=0, help="tokens to skip")
+    _add_api_options(listing)
+    listing.set_defaults(handler=_cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run ``m2m-agent``; returns the exit code (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace, TextIO], int] = args.handler
+    err = sys.stderr
+    try:
+        return handler(args, out or sys.stdout)
+    except ConfigurationError as exc:
+        err.write(f"m2m-agent {args.command}: configuration error: {exc}\n")
+        return EXIT_USAGE
+    except (TransportError, TokenUnavailableError) as exc:
+        err.write(f"m2m-agent {args.command}: {exc}\n")
+        return EXIT_UNREACHABLE
+    except InvalidTokenError as exc:
+        err.write(f"m2m-agent {args.command}: invalid token ({exc.reason}): {exc}\n")
+        return EXIT_REFUSED
+    except ClerkAPIError as exc:
+        err.write(f"m2m-agent {args.command}: {exc}\n")
+        return EXIT_REFUSED
+    except M2MAgentError as exc:  # pragma: no cover - every subclass is handled above
+        err.write(f"m2m-agent {args.command}: {exc}\n")
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        err.write("\ninterrupted\n")
+        return EXIT_INTERRUPTED

@@ -1,0 +1,179 @@
+"""What the sync and async token managers share: settings, the lock, fork handling, logging.
+
+The drivers (``_sync_manager.py``, ``_async_manager.py``) only send, sleep and wait; every
+decision is made by :class:`m2m_agent._refresh.Coordinator` under :attr:`_lock`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from m2m_agent._policy import RefreshPolicy
+from m2m_agent._refresh import CachedToken, Coordinator, Statistics
+from m2m_agent._secrets import fingerprint
+from m2m_agent._token import TokenFormat
+from m2m_agent.errors import ClerkAPIError, ConfigurationError, TokenUnavailableError
+
+__all__ = ["ManagerBase", "log"]
+
+log = structlog.get_logger("m2m_agent")
+
+_FORMATS = ("opaque", "jwt")
+REVOKE_TIMEOUT = 5.0
+"""Seconds ``close()`` spends revoking before it gives up (revocation is best effort)."""
+
+
+class ManagerBase:
+    """Settings, state and fork safety common to ``TokenManager`` and ``AsyncTokenManager``."""
+
+    def __init__(
+        self,
+        *,
+        lifetime: float,
+        claims: Mapping[str, Any] | None,
+        token_format: TokenFormat,
+        refresh: RefreshPolicy | None,
+        revoke_on_close: bool,
+    ) -> None:
+        if (
+            isinstance(lifetime, bool)
+            or not isinstance(lifetime, (int, float))
+            or not math.isfinite(lifetime)
+            or lifetime <= 0
+        ):
+            raise ConfigurationError(
+                f"lifetime must be a positive number of seconds, got {lifetime!r}."
+            )
+        if token_format not in _FORMATS:
+            raise ConfigurationError(
+                f"token_format must be 'opaque' or 'jwt', got {token_format!r}."
+            )
+        if refresh is not None and not isinstance(refresh, RefreshPolicy):
+            raise ConfigurationError("refresh must be a RefreshPolicy.")
+        self._lifetime = float(lifetime)
+        self._claims = dict(claims) if claims is not None else None
+        self._token_format: TokenFormat = token_format
+        self._policy = refresh or RefreshPolicy()
+        self._revoke_on_close = revoke_on_close
+        self._core = Coordinator(self._policy, requested_lifetime=self._lifetime)
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        _register_fork_hooks(self)
+
+    @property
+    def policy(self) -> RefreshPolicy:
+        """The refresh policy in force."""
+        return self._policy
+
+    def statistics(self) -> Statistics:
+        """An immutable snapshot: mints, refreshes, failures, waits, the current token's id..."""
+        with self._lock:
+            return self._core.statistics(time.monotonic())
+
+    def invalidate(self, token: str) -> bool:
+        """Report that ``token`` was rejected: the next ``get_token`` gets a new one.
+
+        However many callers report the same token, it is dropped (and replaced) once.
+        Returns whether this call dropped it. Never blocks, never does I/O.
+        """
+        with self._lock:
+            dropped = self._core.invalidate(token, time.monotonic())
+        if dropped:
+            log.info("m2m_agent.token.invalidated", fingerprint=fingerprint(token))
+        return dropped
+
+    def _minted_args(self) -> dict[str, Any]:
+        return {
+            "seconds_until_expiration": self._lifetime,
+            "claims": self._claims,
+            "token_format": self._token_format,
+        }
+
+    def _unavailable(self, cause: BaseException | None) -> TokenUnavailableError:
+        what = f"{type(cause).__name__}: {cause}" if cause is not None else "no mint completed"
+        error = TokenUnavailableError(
+            f"No usable M2M token within {self._policy.wait_timeout:g}s ({what})."
+        )
+        error.__cause__ = cause
+        log.warning("m2m_agent.token.unavailable", error=type(cause).__name__ if cause else None)
+        return error
+
+    def _log_minted(self, entry: CachedToken) -> None:
+        record = entry.record
+        log.info(
+            "m2m_agent.token.minted",
+            token_id=record.id,
+            fingerprint=record.fingerprint,
+            format=record.format,
+            lifetime=round(entry.expires_at - entry.obtained_at, 3),
+            refresh_in=round(entry.refresh_after - entry.obtained_at, 3),
+        )
+
+    def _log_failure(self, error: BaseException, *, retry_in: float | None) -> None:
+        log.warning(
+            "m2m_agent.token.refresh_failed",
+            error=type(error).__name__,
+            status_code=error.status_code if isinstance(error, ClerkAPIError) else None,
+            message=str(error),
+            retry_in=round(retry_in, 3) if retry_in is not None else None,
+        )
+
+    def _log_revocation(self, token_id: str, error: BaseException | None) -> None:
+        if error is None:
+            log.info("m2m_agent.token.revoked", token_id=token_id)
+        else:
+            log.warning("m2m_agent.token.revoke_failed", token_id=token_id, error=str(error))
+
+    # -- fork ------------------------------------------------------------------------------
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        # Children now hold copies of the current token: it is no longer ours alone to revoke.
+        self._core.shared()
+        self._lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._core.forked_child()
+        self._reset_after_fork()
+        log.info("m2m_agent.manager.fork_reset", pid=self._pid)
+
+    def _reset_after_fork(self) -> None:
+        """Drop whatever the parent's threads or tasks held (overridden by the drivers)."""
+
+
+_managers: weakref.WeakSet[ManagerBase] = weakref.WeakSet()
+_hooks_installed = False
+
+
+def _register_fork_hooks(manager: ManagerBase) -> None:
+    global _hooks_installed
+    _managers.add(manager)
+    if _hooks_installed or not hasattr(os, "register_at_fork"):
+        return
+    _hooks_installed = True
+
+    def before() -> None:
+        for m in list(_managers):
+            m._before_fork()
+
+    def in_parent() -> None:
+        for m in list(_managers):
+            m._after_fork_in_parent()
+
+    def in_child() -> None:
+        for m in list(_managers):
+            m._after_fork_in_child()
+
+    os.register_at_fork(before=before, after_in_parent=in_parent, after_in_child=in_child)

@@ -1,0 +1,275 @@
+"""``TokenManager``: the thread-based driver, the twin of ``_async_manager.py``.
+
+Mints run in a short-lived daemon thread of their own, never in a caller's thread: callers wait
+on a ``threading.Event`` with a deadline, so an interrupted caller never leaves a mint half done
+or a lock held. Fork-safe: in a child the lock is new, the parent's threads are forgotten, the
+HTTP client is rebuilt, and the inherited token is used but never revoked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import tenacity
+
+from m2m_agent._client import ClerkM2MClient
+from m2m_agent._manager_base import REVOKE_TIMEOUT, ManagerBase, log
+from m2m_agent._policy import RefreshPolicy
+from m2m_agent._secrets import Secret
+from m2m_agent._token import TokenFormat
+from m2m_agent.errors import ConfigurationError
+
+__all__ = ["TokenManager"]
+
+
+class _Flight:
+    """One mint flight, run in its own thread."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class TokenManager(ManagerBase):
+    """Keeps threaded or plain sync code supplied with a valid M2M token.
+
+    Thread-safe and fork-safe (Celery prefork, gunicorn ``--preload``). ``get_token()`` returns a
+    token with comfortably more than the safety margin left. Entering ``with manager`` starts a
+    background refresher thread that mints ahead of expiry; without it, refresh happens on demand
+    with the same guarantees.
+
+    Takes the same keyword arguments as :class:`AsyncTokenManager`, with a
+    :class:`ClerkM2MClient` for ``client``.
+    """
+
+    def __init__(
+        self,
+        *,
+        machine_secret_key: str | Secret | None = None,
+        api_url: str | None = None,
+        lifetime: float = 3600.0,
+        claims: Mapping[str, Any] | None = None,
+        token_format: TokenFormat = "opaque",
+        refresh: RefreshPolicy | None = None,
+        revoke_on_close: bool = True,
+        client: ClerkM2MClient | None = None,
+    ) -> None:
+        super().__init__(
+            lifetime=lifetime,
+            claims=claims,
+            token_format=token_format,
+            refresh=refresh,
+            revoke_on_close=revoke_on_close,
+        )
+        if client is not None:
+            if machine_secret_key is not None or api_url is not None:
+                raise ConfigurationError("Give either client= or machine_secret_key/api_url.")
+            if not isinstance(client, ClerkM2MClient):
+                raise ConfigurationError(
+                    "client must be a ClerkM2MClient (use AsyncTokenManager for the async one)."
+                )
+        self._client = client or ClerkM2MClient(machine_secret_key, api_url=api_url)
+        self._own_client = client is None
+        self._flight: _Flight | None = None
+        self._stop = threading.Event()
+        self._refresher_thread: threading.Thread | None = None
+        self._entered = False
+
+    def __repr__(self) -> str:
+        return f"<TokenManager {self._client!r} format={self._token_format!r}>"
+
+    # -- callers ---------------------------------------------------------------------------
+
+    def get_token(self) -> str:
+        """A token with comfortably more than the safety margin left.
+
+        Returns at once when one is cached; otherwise waits for the single in-flight mint, at
+        most ``refresh.wait_timeout`` seconds.
+
+        Raises:
+            TokenUnavailableError: no usable token within the wait budget, or the last mint
+                failed for good (a wrong key); ``__cause__`` is the last failure.
+        """
+        with self._lock:
+            self._ensure_refresher()
+            plan = self._core.plan(time.monotonic())
+            flight = self._start_flight() if plan.start_flight else self._flight
+        if plan.token is not None:
+            return plan.token
+        if plan.fail is not None:
+            raise self._unavailable(plan.fail)
+        deadline = time.monotonic() + self._policy.wait_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if flight is not None and remaining > 0:
+                flight.done.wait(remaining)
+            with self._lock:
+                now = time.monotonic()
+                token = self._core.usable_token(now)
+                if token is not None:
+                    return token
+                if now >= deadline or self._core.last_error_fatal or self._core.closed:
+                    self._core.wait_timed_out()
+                    cause = self._core.last_error
+                    break
+                flight = self._flight or self._start_flight()
+        raise self._unavailable(cause)
+
+    # -- the flight ------------------------------------------------------------------------
+
+    def _start_flight(self) -> _Flight:
+        """Start a mint flight in its own thread (call with the lock held)."""
+        flight = _Flight()
+        self._flight = flight
+        self._core.flight_started()
+        threading.Thread(
+            target=self._run_flight, args=(flight,), name="m2m-agent-mint", daemon=True
+        ).start()
+        return flight
+
+    def _run_flight(self, flight: _Flight) -> None:
+        try:
+            with self._lock:
+                delay = self._core.delay_before_attempt(time.monotonic())
+            self._stop.wait(delay)
+            retrying = tenacity.Retrying(
+                sleep=self._sleep,
+                retry=tenacity.retry_if_exception(lambda _: self._should_retry()),
+                wait=lambda _: self._retry_delay(),
+                reraise=True,
+            )
+            try:
+                for attempt in retrying:
+                    with attempt:
+                        self._attempt()
+            except Exception:  # noqa: S110 - recorded and logged by _attempt
+                pass
+            self._revoke_due()
+        finally:
+            with self._lock:
+                self._core.flight_finished()
+                if self._flight is flight:
+                    self._flight = None
+            flight.done.set()
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)  # close() cuts a backoff short
+
+    def _should_retry(self) -> bool:
+        with self._lock:
+            return self._core.should_retry(time.monotonic())
+
+    def _retry_delay(self) -> float:
+        with self._lock:
+            return self._core.delay_before_attempt(time.monotonic())
+
+    def _attempt(self) -> None:
+        sent_at = time.monotonic()
+        try:
+            token = self._client.create_token(**self._minted_args())
+            with self._lock:
+                entry = self._core.attempt_succeeded(token, sent_at=sent_at, now=time.monotonic())
+        except Exception as exc:
+            with self._lock:
+                now = time.monotonic()
+                self._core.attempt_failed(exc, now)
+                retry_in = self._core.delay_before_attempt(now)
+                retrying = self._core.should_retry(now)
+            self._log_failure(exc, retry_in=retry_in if retrying else None)
+            raise
+        self._log_minted(entry)
+
+    def _revoke_due(self, *, everything: bool = False) -> None:
+        with self._lock:
+            due = self._core.due_revocations(time.monotonic(), everything=everything)
+        for token_id in due:
+            self._revoke(token_id)
+
+    def _revoke(self, token_id: str) -> None:
+        error: Exception | None = None
+        try:
+            self._client.revoke_token(token_id, reason="rotated by m2m-agent")
+        except Exception as exc:  # best effort: logged and counted, never raised
+            error = exc
+        with self._lock:
+            self._core.revocation_done(ok=error is None)
+        self._log_revocation(token_id, error)
+
+    # -- background refresher and lifecycle ------------------------------------------------
+
+    def _ensure_refresher(self) -> None:
+        """(Re)start the refresher thread when entered (call with the lock held)."""
+        if not self._entered or self._core.closed:
+            return
+        thread = self._refresher_thread
+        if thread is None or not thread.is_alive():
+            thread = threading.Thread(
+                target=self._refresher, name="m2m-agent-refresher", daemon=True
+            )
+            self._refresher_thread = thread
+            thread.start()
+
+    def _refresher(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                now = time.monotonic()
+                wake = self._core.next_wakeup(now)
+            if self._stop.wait(max(0.0, wake - now)):
+                return
+            with self._lock:
+                now = time.monotonic()
+                flight = self._start_flight() if self._core.refresh_due(now) else self._flight
+                revocation_due = (self._core.next_revocation_at() or float("inf")) <= now
+            if flight is not None:
+                flight.done.wait(self._policy.wait_timeout + self._policy.max_backoff)
+            elif revocation_due:
+                self._revoke_due()
+
+    def __enter__(self) -> TokenManager:
+        with self._lock:
+            self._entered = True
+            self._ensure_refresher()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the refresher and revoke what this process alone owns (best effort, bounded).
+
+        Revokes tokens waiting out their rotation grace and, with ``revoke_on_close``, the
+        current opaque token. JWT-format tokens cannot be revoked and are left to expire.
+        """
+        with self._lock:
+            to_revoke = self._core.close(revoke_current=self._revoke_on_close)
+            thread, self._refresher_thread = self._refresher_thread, None
+        self._stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(REVOKE_TIMEOUT)
+        deadline = time.monotonic() + REVOKE_TIMEOUT
+        for token_id in to_revoke:
+            if time.monotonic() > deadline:
+                log.warning("m2m_agent.token.revoke_skipped", token_id=token_id)
+                continue
+            self._revoke(token_id)
+        if self._own_client:
+            self._client.close()
+
+    def _reset_after_fork(self) -> None:
+        # The parent's mint and refresher threads do not exist here; its HTTP connections must
+        # not be shared. A refresher restarts on the next get_token if the manager was entered.
+        self._flight = None
+        self._refresher_thread = None
+        self._stop = threading.Event()
+        if self._own_client:
+            self._client = ClerkM2MClient(
+                self._client._key, api_url=self._client.api_url, allow_insecure_http=True
+            )
