@@ -292,7 +292,7 @@ class TestErrors:
 
         with (
             client_for(handler) as client,
-            pytest.raises(TransportError, match="api.clerk.test") as info,
+            pytest.raises(TransportError, match=r"api\.clerk\.test") as info,
         ):
             client.create_token()
         assert isinstance(info.value.__cause__, httpx.ConnectError)

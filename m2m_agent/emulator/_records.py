@@ -19,7 +19,7 @@ class Machine:
     Attributes:
         id: The machine id, ``mch_`` and 27 word characters; the ``subject`` of its tokens.
         name: A human-readable name.
-        secret_key: The machine secret key (``ak_...``) that authenticates it. Never shown by ``repr``.
+        secret_key: The machine secret key (``ak_...``). Never shown by ``repr``.
         scoped_machines: Ids of the machines this machine's tokens may be presented to; copied
             into a token's ``scopes`` when it is minted.
         default_token_ttl: The lifetime in seconds of a token minted without

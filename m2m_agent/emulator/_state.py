@@ -14,19 +14,24 @@ import types
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from ._ids import MACHINE_ID_PATTERN, new_instance_id, new_instance_key, new_opaque_token
-from ._ids import new_machine_id, new_machine_key, new_token_id
+from ._ids import (
+    MACHINE_ID_PATTERN,
+    new_instance_id,
+    new_instance_key,
+    new_machine_id,
+    new_machine_key,
+    new_opaque_token,
+    new_token_id,
+)
 from ._records import Counters, Machine, TokenRecord
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-__all__ = ["ENDPOINTS", "JwtMeta", "State", "canonical"]
+__all__ = ["ENDPOINTS", "JwtMeta", "State", "canonical", "snapshot"]
 
 #: The endpoint names used by counters and fault filters.
 ENDPOINTS: tuple[str, ...] = ("create", "verify", "revoke", "list", "jwks")
-
-_COUNTER_NAMES = ("mints", "reused", "verifications", "revocations", "lists", "jwks", "faults", "errors")
 
 
 def canonical(value: Any) -> str:
@@ -39,6 +44,11 @@ def canonical(value: Any) -> str:
         The canonical JSON text.
     """
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def snapshot(record: TokenRecord) -> TokenRecord:
+    """A copy of ``record`` whose claims can be changed without touching the stored token."""
+    return dataclasses.replace(record, claims=copy.deepcopy(record.claims))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +161,14 @@ class State:
         self.count("mints")
         return record
 
-    def find_reusable(self, machine: Machine, claims: Any, min_remaining: float) -> TokenRecord | None:
-        """The live token of ``machine`` with these claims and its current scopes that has at
-        least ``min_remaining`` seconds left, preferring the one that lives longest."""
+    def find_reusable(
+        self, machine: Machine, claims: Any, min_remaining: float
+    ) -> TokenRecord | None:
+        """A live token to reuse instead of minting (``min_remaining_ttl_seconds``).
+
+        It must belong to ``machine``, carry equal claims and the machine's current scopes, and
+        have at least ``min_remaining`` seconds left; the longest-lived one wins.
+        """
         now = self.clock()
         wanted = canonical(claims)
         best: TokenRecord | None = None
@@ -180,8 +195,8 @@ class State:
         return None if token_id is None else self._tokens[token_id]
 
     def tokens(self) -> tuple[TokenRecord, ...]:
-        """Every stored token, oldest first."""
-        return tuple(self._tokens.values())
+        """Snapshots of every stored token, oldest first (claims copied, so edits stay local)."""
+        return tuple(snapshot(record) for record in self._tokens.values())
 
     def touch(self, token_id: str) -> TokenRecord:
         """Record a successful verification: set ``last_used_at`` and ``updated_at``."""
@@ -242,8 +257,18 @@ class State:
         """An immutable snapshot of the counters."""
         requests = dict.fromkeys(ENDPOINTS, 0)
         requests.update(self._requests)
-        fields = {name: self._counts[name] for name in _COUNTER_NAMES}
-        return Counters(requests=types.MappingProxyType(requests), **fields)
+        counts = self._counts
+        return Counters(
+            requests=types.MappingProxyType(requests),
+            mints=counts["mints"],
+            reused=counts["reused"],
+            verifications=counts["verifications"],
+            revocations=counts["revocations"],
+            lists=counts["lists"],
+            jwks=counts["jwks"],
+            faults=counts["faults"],
+            errors=counts["errors"],
+        )
 
     def reset_counters(self) -> None:
         """Set every counter back to zero."""
