@@ -156,6 +156,9 @@ class AsyncTokenManager(ManagerBase):
             TokenUnavailableError: no usable token within the wait budget, or the last mint
                 failed for good (a wrong key); ``__cause__`` is the last failure.
         """
+        entry = self._core.current  # an immutable snapshot: safe to read without the lock
+        if entry is not None and time.monotonic() < entry.refresh_after and self._fast_path_ok:
+            return entry.secret
         with self._lock:
             plan = self._core.plan(time.monotonic())
             flight = self._start_flight() if plan.start_flight else self._flight

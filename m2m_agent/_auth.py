@@ -54,14 +54,19 @@ class AuthFlows:
                 "on the path could reuse it. Use https, or M2MAuth(..., allow_insecure_http=True)."
             )
 
-    def _replay(self, request: Any, response: Any) -> bool:
-        if response.status_code != 401 or not self.retry_on_401:
-            return False
-        # Only a body held in memory can be sent twice; a generator or file stream cannot.
+    def _replayable(self, request: Any) -> bool:
+        """Whether a 401 to ``request`` may be answered by sending it again.
+
+        Decided before the first send: a transport may read a streaming body into memory while
+        sending it (``MockTransport`` does, a network transport does not), and the answer must
+        not depend on that. Only a body the caller gave in memory (bytes, str, ``json=``,
+        ``data=``; httpx and httpx2 keep it in ``request._content`` behind a ``ByteStream``) is
+        replayed; a generator, file or multipart stream is not.
+        """
         return hasattr(request, "_content") or type(request.stream).__name__ == "ByteStream"
 
     def sync_auth_flow(self, request: Any) -> Generator[Any, Any, None]:
-        """The flow for ``httpx.Client``: needs a :class:`TokenManager`."""
+        """The flow for ``httpx.Client`` and ``httpx2.Client``: needs a :class:`TokenManager`."""
         manager = self.manager
         if not isinstance(manager, TokenManager):
             raise RuntimeError(
@@ -71,14 +76,18 @@ class AuthFlows:
         self._check(request)
         token = manager.get_token()
         request.headers["Authorization"] = f"Bearer {token}"
+        replayable = self._replayable(request)
         response = yield request
-        if self._replay(request, response):
+        if response.status_code == 401 and self.retry_on_401:
             manager.invalidate(token)
-            request.headers["Authorization"] = f"Bearer {manager.get_token()}"
-            yield request
+            if replayable:
+                fresh = manager.get_token()
+                if fresh != token:
+                    request.headers["Authorization"] = f"Bearer {fresh}"
+                    yield request
 
     async def async_auth_flow(self, request: Any) -> AsyncGenerator[Any, Any]:
-        """The flow for ``httpx.AsyncClient``: needs an :class:`AsyncTokenManager`."""
+        """The flow for ``httpx.AsyncClient`` and ``httpx2.AsyncClient``: needs an async manager."""
         manager = self.manager
         if not isinstance(manager, AsyncTokenManager):
             raise RuntimeError(
@@ -88,11 +97,15 @@ class AuthFlows:
         self._check(request)
         token = await manager.get_token()
         request.headers["Authorization"] = f"Bearer {token}"
+        replayable = self._replayable(request)
         response = yield request
-        if self._replay(request, response):
+        if response.status_code == 401 and self.retry_on_401:
             manager.invalidate(token)
-            request.headers["Authorization"] = f"Bearer {await manager.get_token()}"
-            yield request
+            if replayable:
+                fresh = await manager.get_token()
+                if fresh != token:
+                    request.headers["Authorization"] = f"Bearer {fresh}"
+                    yield request
 
 
 class M2MAuth(AuthFlows, httpx.Auth):

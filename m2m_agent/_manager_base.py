@@ -34,6 +34,9 @@ REVOKE_TIMEOUT = 5.0
 class ManagerBase:
     """Settings, state and fork safety common to ``TokenManager`` and ``AsyncTokenManager``."""
 
+    _fast_path_ok = True
+    """Whether ``get_token`` may return a FRESH token without taking the lock."""
+
     def __init__(
         self,
         *,

@@ -55,6 +55,9 @@ class RefreshPolicy:
       Clerk sends one, and never more than ``max_backoff``. Only one attempt is ever in flight.
     - ``rotation_grace=30``: a replaced opaque token is revoked 30 s after its successor arrived,
       so requests already sent with it can finish.
+    - ``min_invalidate_age=5``: a token younger than 5 s is not dropped when a target rejects
+      it. A brand-new token that is refused points at the target (scopes, configuration), not
+      at the token, and dropping it would mint (a billed creation) on every request.
 
     Raises:
         ConfigurationError: a value is out of range.
@@ -68,6 +71,7 @@ class RefreshPolicy:
     initial_backoff: float = 0.5
     max_backoff: float = 30.0
     rotation_grace: float = 30.0
+    min_invalidate_age: float = 5.0
 
     def __post_init__(self) -> None:
         from m2m_agent.errors import ConfigurationError

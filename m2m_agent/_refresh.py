@@ -225,9 +225,14 @@ class Coordinator:
         self._counts["wait_timeouts"] += 1
 
     def invalidate(self, secret: str, now: float) -> bool:
-        """A caller saw ``secret`` rejected: drop it if it is still current (once)."""
+        """A caller saw ``secret`` rejected: drop it if it is still current (once).
+
+        A token younger than ``min_invalidate_age`` is kept: see :class:`RefreshPolicy`.
+        """
         entry = self.current
         if entry is None or entry.secret != secret:
+            return False
+        if now - entry.obtained_at < self.policy.min_invalidate_age:
             return False
         self.current = None
         self._counts["invalidations"] += 1

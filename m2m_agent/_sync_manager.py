@@ -93,6 +93,9 @@ class TokenManager(ManagerBase):
             TokenUnavailableError: no usable token within the wait budget, or the last mint
                 failed for good (a wrong key); ``__cause__`` is the last failure.
         """
+        entry = self._core.current  # an immutable snapshot: safe to read without the lock
+        if entry is not None and time.monotonic() < entry.refresh_after and self._fast_path_ok:
+            return entry.secret
         with self._lock:
             self._ensure_refresher()
             plan = self._core.plan(time.monotonic())
@@ -202,6 +205,7 @@ class TokenManager(ManagerBase):
 
     def _ensure_refresher(self) -> None:
         """(Re)start the refresher thread when entered (call with the lock held)."""
+        self._fast_path_ok = True
         if not self._entered or self._core.closed:
             return
         thread = self._refresher_thread
@@ -269,6 +273,7 @@ class TokenManager(ManagerBase):
         self._flight = None
         self._refresher_thread = None
         self._stop = threading.Event()
+        self._fast_path_ok = False  # the next get_token restarts the refresher
         if self._own_client:
             self._client = ClerkM2MClient(
                 self._client._key, api_url=self._client.api_url, allow_insecure_http=True

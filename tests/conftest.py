@@ -11,7 +11,12 @@ from m2m_agent.emulator import Emulator, Machine
 API_URL = "https://api.clerk.test"
 
 FAST = RefreshPolicy(
-    wait_timeout=1.0, initial_backoff=0.02, max_backoff=0.2, rotation_grace=0.1, jitter=0.0
+    wait_timeout=1.0,
+    initial_backoff=0.02,
+    max_backoff=0.2,
+    rotation_grace=0.1,
+    jitter=0.0,
+    min_invalidate_age=0.0,
 )
 """A policy scaled down for tests: short waits and backoffs, no jitter."""
 
