@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
+
+import structlog
 
 from m2m_agent import _version
 from m2m_agent._client import ClerkM2MClient
@@ -130,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "3 Clerk unreachable, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version.__version__}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log to stderr: -v lifecycle events (mints, refreshes), -vv every API call",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser(
@@ -200,9 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(verbosity: int) -> None:
+    """The CLI is an application: it, not the library, decides where log events go (stderr)."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
     """Run ``m2m-agent``; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
     handler: Callable[[argparse.Namespace, TextIO], int] = args.handler
     err = sys.stderr
     try:

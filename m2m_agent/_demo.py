@@ -1,7 +1,8 @@
 """``m2m-agent demo``: the main job end to end, on the embedded emulator or on Clerk itself.
 
-A worker machine mints a token, calls a protected service with it, the service verifies it with
-its own machine key, the worker revokes it, and a second call with the revoked token is refused.
+A worker's ``TokenManager`` mints a token, ``M2MAuth`` calls a protected service with it, the
+service verifies it with its own machine key, later calls reuse the cached token, closing the
+manager revokes it, and a call with the revoked token is refused.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, TextIO
 
 import httpx
 
+from m2m_agent._auth import M2MAuth
 from m2m_agent._client import ClerkM2MClient
 from m2m_agent._config import ENV_MACHINE_SECRET_KEY
+from m2m_agent._refresh import Statistics
+from m2m_agent._sync_manager import TokenManager
 from m2m_agent.errors import ClerkAPIError, ConfigurationError, InvalidTokenError
 
 __all__ = ["run_demo"]
@@ -81,24 +85,34 @@ def run_demo(args: argparse.Namespace, out: TextIO) -> int:
             worker, service, where = stack.enter_context(_emulated(stack))
         if not args.json:
             out.write(f"m2m-agent demo on the {where}\n")
+        manager = TokenManager(client=worker, lifetime=args.lifetime)
+        stack.callback(manager.close)
         http = stack.enter_context(
-            httpx.Client(transport=protected_service(service), base_url=SERVICE_URL)
+            httpx.Client(
+                transport=protected_service(service), base_url=SERVICE_URL, auth=M2MAuth(manager)
+            )
         )
 
-        minted = worker.create_token(seconds_until_expiration=args.lifetime)
-        step("mint", True, token=minted.id, format=minted.format, lifetime=minted.lifetime)
-        secret = minted.token or ""
+        token = manager.get_token()
+        first = manager.statistics()
+        step("mint", first.mints == 1, token=first.token_id, expires_in=_secs(first))
 
-        response = http.get("/hello", headers={"Authorization": f"Bearer {secret}"})
-        step("call", response.status_code == 200, status=response.status_code)
+        response = http.get("/hello")
+        step("call", response.status_code == 200, status=response.status_code, via="M2MAuth")
 
-        verified = service.verify_token(secret)
-        step("verify", verified.id == minted.id, token=verified.id, subject=verified.subject)
+        verified = service.verify_token(token)
+        step("verify", verified.id == first.token_id, token=verified.id, subject=verified.subject)
 
-        revoked = worker.revoke_token(minted.id, reason="demo finished")
-        step("revoke", revoked.revoked, token=revoked.id)
+        for _ in range(20):
+            http.get("/hello")
+        cached = manager.statistics()
+        step("reuse", cached.mints == 1, requests=21, mints=cached.mints)
 
-        response = http.get("/hello", headers={"Authorization": f"Bearer {secret}"})
+        manager.close()
+        closed = manager.statistics()
+        step("revoke", closed.revocations == 1, token=first.token_id, on="close()")
+
+        response = http.get("/hello", auth=_StaticBearer(token))
         step("refused", response.status_code == 401, status=response.status_code)
 
     ok = all(s["ok"] for s in steps)
@@ -111,8 +125,22 @@ def run_demo(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         out.write(json.dumps(summary) + "\n")
     else:
-        out.write(
-            f"{'all steps passed' if ok else 'some steps FAILED'} in "
-            f"{summary['elapsed_seconds']}s\n"
-        )
+        verdict = "all steps passed" if ok else "some steps FAILED"
+        out.write(f"{verdict} in {summary['elapsed_seconds']}s\n")
     return 0 if ok else 1
+
+
+def _secs(stats: Statistics) -> str:
+    left = stats.seconds_to_expiry
+    return f"{left:.0f}s" if left is not None else "never"
+
+
+class _StaticBearer(httpx.Auth):
+    """Sends one fixed token: to show that the revoked token no longer opens the door."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        yield request

@@ -50,3 +50,12 @@ def async_client(emulator: Emulator, machine: Machine) -> AsyncClerkM2MClient:
         api_url=API_URL,
         http_client=httpx.AsyncClient(transport=emulator.async_transport()),
     )
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults():
+    """The CLI configures structlog (it is an application); undo that after each test."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()

@@ -1,0 +1,57 @@
+"""The public surface: one namespace, sorted ``__all__``, a docstring on every public name."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+import m2m_agent
+
+PUBLIC_MODULES = ["m2m_agent", "m2m_agent.errors", "m2m_agent.emulator", "m2m_agent.httpx2"]
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_all_is_sorted_and_complete(name):
+    module = importlib.import_module(name)
+    exported = list(module.__all__)
+    assert exported == sorted(exported)
+    for attribute in exported:
+        assert hasattr(module, attribute), attribute
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_every_public_name_is_documented(name):
+    module = importlib.import_module(name)
+    assert inspect.getdoc(module)
+    undocumented = []
+    for attribute in module.__all__:
+        obj = getattr(module, attribute)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        if not inspect.getdoc(obj):
+            undocumented.append(attribute)
+        if inspect.isclass(obj):
+            for member, value in vars(obj).items():
+                if member.startswith("_") or not callable(value):
+                    continue
+                if not inspect.getdoc(value):
+                    undocumented.append(f"{attribute}.{member}")
+    assert undocumented == []
+
+
+def test_public_classes_show_the_public_path():
+    assert m2m_agent.TokenManager.__module__ == "m2m_agent"
+    assert repr(m2m_agent.ClerkM2MClient) == "<class 'm2m_agent.ClerkM2MClient'>"
+
+
+def test_errors_are_re_exported():
+    from m2m_agent import errors
+
+    for name in errors.__all__:
+        assert getattr(m2m_agent, name) is getattr(errors, name)
+
+
+def test_version():
+    assert m2m_agent.__version__
