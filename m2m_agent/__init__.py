@@ -32,6 +32,7 @@ from m2m_agent.errors import NotFoundError as NotFoundError
 from m2m_agent.errors import PermissionDeniedError as PermissionDeniedError
 from m2m_agent.errors import RateLimitError as RateLimitError
 from m2m_agent.errors import ServerError as ServerError
+from m2m_agent.errors import StoreError as StoreError
 from m2m_agent.errors import TokenUnavailableError as TokenUnavailableError
 from m2m_agent.errors import TransportError as TransportError
 
@@ -55,6 +56,7 @@ __all__ = [
     "RefreshPolicy",
     "ServerError",
     "Statistics",
+    "StoreError",
     "TokenFormat",
     "TokenManager",
     "TokenState",

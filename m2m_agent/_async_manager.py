@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -24,13 +24,17 @@ import sniffio
 import tenacity
 
 from m2m_agent._client import AsyncClerkM2MClient
-from m2m_agent._manager_base import REVOKE_TIMEOUT, ManagerBase, log
+from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, ManagerBase, log
 from m2m_agent._policy import RefreshPolicy
+from m2m_agent._refresh import CachedToken
 from m2m_agent._secrets import Secret
 from m2m_agent._token import TokenFormat
-from m2m_agent.errors import ConfigurationError
+from m2m_agent.errors import ConfigurationError, StoreError
+from m2m_agent.stores._base import TokenStore
 
 __all__ = ["AsyncTokenManager"]
+
+T = TypeVar("T")
 
 _background_tasks: set[asyncio.Task[None]] = set()
 
@@ -106,6 +110,7 @@ class AsyncTokenManager(ManagerBase):
         token_format: TokenFormat = "opaque",
         refresh: RefreshPolicy | None = None,
         revoke_on_close: bool = True,
+        store: TokenStore | None = None,
         client: AsyncClerkM2MClient | None = None,
     ) -> None:
         super().__init__(
@@ -114,6 +119,7 @@ class AsyncTokenManager(ManagerBase):
             token_format=token_format,
             refresh=refresh,
             revoke_on_close=revoke_on_close,
+            store=store,
         )
         if client is not None:
             if machine_secret_key is not None or api_url is not None:
@@ -125,6 +131,9 @@ class AsyncTokenManager(ManagerBase):
         # Validates the key and URL now; an owned client is made per flight, on its loop.
         self._template = client or AsyncClerkM2MClient(machine_secret_key, api_url=api_url)
         self._own_client = client is None
+        self._bind_store(
+            api_url=str(self._template.api_url), key_fingerprint=self._template.key_fingerprint
+        )
         self._flight: _Flight | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
 
@@ -228,11 +237,45 @@ class AsyncTokenManager(ManagerBase):
             return self._core.delay_before_attempt(time.monotonic())
 
     async def _attempt(self, client: AsyncClerkM2MClient) -> None:
+        """One attempt: adopt a shared token, or take the lease and mint (or just mint)."""
+        store = self._shared_store
+        if store is None:
+            await self._mint(client, owned=True)
+            return
+        key, owner = self._store_key, self._owner
+        stored = await self._store_call(store.aload, key)
+        if stored is not None and self._adopted(stored):
+            return
+        leased = await self._store_call(store.aacquire, key, owner, LEASE_TTL)
+        if leased is False:
+            raise self._lease_busy()
+        try:
+            stored = await self._store_call(store.aload, key) if leased else None
+            if stored is not None and self._adopted(stored):
+                return
+            entry = await self._mint(client, owned=False)
+            await self._store_call(store.asave, key, self._to_stored(entry))
+        finally:
+            if leased:
+                with anyio.CancelScope(shield=True):
+                    await self._store_call(store.arelease, key, owner)
+
+    async def _store_call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T | None:
+        """A store operation; on failure, log it and carry on without the store (None)."""
+        try:
+            return await fn(*args)
+        except StoreError as exc:
+            self._store_failed(exc)
+            return None
+
+    async def _mint(self, client: AsyncClerkM2MClient, *, owned: bool) -> CachedToken:
         sent_at = time.monotonic()
         try:
             token = await client.create_token(**self._minted_args())
             with self._lock:
-                entry = self._core.attempt_succeeded(token, sent_at=sent_at, now=time.monotonic())
+                entry = self._core.attempt_succeeded(
+                    token, sent_at=sent_at, now=time.monotonic(), owned=owned
+                )
         except Exception as exc:
             with self._lock:
                 now = time.monotonic()
@@ -242,6 +285,7 @@ class AsyncTokenManager(ManagerBase):
             self._log_failure(exc, retry_in=retry_in if retrying else None)
             raise
         self._log_minted(entry)
+        return entry
 
     async def _revoke_due(self, client: AsyncClerkM2MClient, *, everything: bool = False) -> None:
         with self._lock:

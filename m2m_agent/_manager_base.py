@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
+import socket
 import threading
 import time
 import weakref
@@ -20,9 +22,11 @@ from m2m_agent._policy import RefreshPolicy
 from m2m_agent._refresh import CachedToken, Coordinator, Statistics
 from m2m_agent._secrets import fingerprint
 from m2m_agent._token import TokenFormat
-from m2m_agent.errors import ClerkAPIError, ConfigurationError, TokenUnavailableError
+from m2m_agent.errors import ClerkAPIError, ConfigurationError, StoreError, TokenUnavailableError
+from m2m_agent.stores._base import StoredToken, TokenStore, store_key
+from m2m_agent.stores._memory import MemoryStore
 
-__all__ = ["ManagerBase", "log"]
+__all__ = ["LEASE_TTL", "ManagerBase", "log"]
 
 log = structlog.get_logger("m2m_agent")
 
@@ -45,6 +49,7 @@ class ManagerBase:
         token_format: TokenFormat,
         refresh: RefreshPolicy | None,
         revoke_on_close: bool,
+        store: TokenStore | None,
     ) -> None:
         if (
             isinstance(lifetime, bool)
@@ -61,6 +66,11 @@ class ManagerBase:
             )
         if refresh is not None and not isinstance(refresh, RefreshPolicy):
             raise ConfigurationError("refresh must be a RefreshPolicy.")
+        if store is not None and not isinstance(store, TokenStore):
+            raise ConfigurationError(
+                "store must be a TokenStore (MemoryStore, FileStore, RedisStore)."
+            )
+        self._store = store if store is not None else MemoryStore()
         self._lifetime = float(lifetime)
         self._claims = dict(claims) if claims is not None else None
         self._token_format: TokenFormat = token_format
@@ -69,7 +79,50 @@ class ManagerBase:
         self._core = Coordinator(self._policy, requested_lifetime=self._lifetime)
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._owner = _new_owner()
+        self._store_key = ""  # set by the driver once it knows its client: _bind_store()
         _register_fork_hooks(self)
+
+    def _bind_store(self, *, api_url: str, key_fingerprint: str) -> None:
+        self._store_key = store_key(
+            api_url=api_url,
+            key_fingerprint=key_fingerprint,
+            token_format=self._token_format,
+            lifetime=self._lifetime,
+            claims=self._claims,
+        )
+
+    @property
+    def store(self) -> TokenStore:
+        """The token store in use."""
+        return self._store
+
+    @property
+    def _shared_store(self) -> TokenStore | None:
+        """The store to coordinate through, or None for in-process only."""
+        return self._store if self._store.shared else None
+
+    def _store_failed(self, error: StoreError) -> None:
+        log.warning("m2m_agent.store.unavailable", store=repr(self._store), error=str(error))
+
+    def _adopted(self, stored: StoredToken) -> bool:
+        """Adopt ``stored`` if it beats ours; whether we now hold a FRESH token."""
+        with self._lock:
+            now = time.monotonic()
+            entry = self._core.adopt(stored, now=now, wall_now=time.time())
+            fresh = self._core.current_is_fresh(now)
+        if entry is not None:
+            log.info("m2m_agent.token.adopted", token_id=entry.record.id, store=repr(self._store))
+        return fresh
+
+    def _to_stored(self, entry: CachedToken) -> StoredToken:
+        with self._lock:
+            return self._core.to_stored(entry, now=time.monotonic(), wall_now=time.time())
+
+    def _lease_busy(self) -> _LeaseBusy:
+        with self._lock:
+            self._core.lease_busy(time.monotonic())
+        return _LeaseBusy()
 
     @property
     def policy(self) -> RefreshPolicy:
@@ -148,12 +201,25 @@ class ManagerBase:
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._owner = _new_owner()
         self._core.forked_child()
         self._reset_after_fork()
         log.info("m2m_agent.manager.fork_reset", pid=self._pid)
 
     def _reset_after_fork(self) -> None:
         """Drop whatever the parent's threads or tasks held (overridden by the drivers)."""
+
+
+class _LeaseBusy(Exception):  # noqa: N818 - a signal to retry, not an error
+    """Another process holds the shared store's mint lease: look again shortly."""
+
+
+LEASE_TTL = 15.0
+"""Seconds a shared-store mint lease lasts: longer than one mint attempt (10 s timeout)."""
+
+
+def _new_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
 _managers: weakref.WeakSet[ManagerBase] = weakref.WeakSet()

@@ -24,8 +24,12 @@ import random
 from m2m_agent._policy import RefreshPolicy, is_retryable
 from m2m_agent._token import M2MToken
 from m2m_agent.errors import MalformedResponseError
+from m2m_agent.stores._base import StoredToken
 
-__all__ = ["CachedToken", "Coordinator", "Plan", "Statistics", "TokenState", "admit"]
+__all__ = ["LEASE_POLL", "CachedToken", "Coordinator", "Plan", "Statistics", "TokenState", "admit"]
+
+LEASE_POLL = 0.1
+"""Seconds between looks at a shared store while another process holds the mint lease."""
 
 
 class TokenState(enum.Enum):
@@ -147,6 +151,8 @@ class Statistics:
     """Tokens dropped because a caller saw them rejected."""
     forks: int
     """Times this manager found itself in a forked child and reset."""
+    adoptions: int
+    """Tokens taken from a shared store, minted by another process."""
     refresh_in_flight: bool
     """Whether a mint is under way."""
     token_id: str | None
@@ -191,6 +197,7 @@ class Coordinator:
                 "served_stale",
                 "invalidations",
                 "forks",
+                "adoptions",
             ),
             0,
         )
@@ -249,7 +256,9 @@ class Coordinator:
         """Seconds the flight must wait before its next attempt (the backoff gate)."""
         return max(0.0, self.next_attempt_at - now)
 
-    def attempt_succeeded(self, token: M2MToken, *, sent_at: float, now: float) -> CachedToken:
+    def attempt_succeeded(
+        self, token: M2MToken, *, sent_at: float, now: float, owned: bool = True
+    ) -> CachedToken:
         """Install a minted token; the one it replaces is queued for revocation.
 
         Raises:
@@ -270,7 +279,14 @@ class Coordinator:
             policy=self.policy,
             rng=self.rng,
         )
+        if not owned:
+            entry = dataclasses.replace(entry, owned=False)
         self._counts["mints"] += 1
+        self._install(entry, now)
+        return entry
+
+    def _install(self, entry: CachedToken, now: float) -> None:
+        previous = self.current
         if previous is not None:
             self._counts["refreshes"] += 1
             self._retire(previous, now)
@@ -279,7 +295,57 @@ class Coordinator:
         self.last_error = None
         self.last_error_fatal = False
         self.next_attempt_at = -math.inf
+
+    def adopt(self, stored: StoredToken, *, now: float, wall_now: float) -> CachedToken | None:
+        """Take a token another process minted (from a shared store) if it beats ours.
+
+        Its life is moved from the wall clock to our monotonic clock once, here. Adopted
+        tokens are never ours to revoke. Returns the installed entry, or None if it was not
+        better (the same token, an older one, or one already inside its safety margin).
+        """
+        current = self.current
+        if current is not None and current.record.id == stored.id:
+            return None
+        obtained = now - (wall_now - stored.obtained_at)
+        lifetime = stored.lifetime
+        expires_at = obtained + lifetime
+        entry = CachedToken(
+            record=M2MToken(
+                id=stored.id, subject=stored.subject, token=stored.secret, format=stored.format
+            ),
+            secret=stored.secret,
+            obtained_at=obtained,
+            refresh_after=obtained + self.policy.refresh_offset(lifetime, self.rng),
+            usable_until=expires_at - self.policy.margin_seconds(lifetime),
+            expires_at=expires_at,
+            owned=False,
+        )
+        if entry.state(now) is TokenState.UNUSABLE:
+            return None
+        if current is not None and entry.expires_at <= current.expires_at:
+            return None
+        self._counts["adoptions"] += 1
+        self._install(entry, now)
         return entry
+
+    def to_stored(self, entry: CachedToken, *, now: float, wall_now: float) -> StoredToken:
+        """The entry as a shared store keeps it (on the wall clock)."""
+        return StoredToken(
+            id=entry.record.id,
+            subject=entry.record.subject,
+            secret=entry.secret,
+            format=entry.record.format,
+            obtained_at=wall_now - (now - entry.obtained_at),
+            lifetime=entry.expires_at - entry.obtained_at,
+        )
+
+    def current_is_fresh(self, now: float) -> bool:
+        """Whether the current token needs no refresh at ``now``."""
+        return self.current is not None and self.current.state(now) is TokenState.FRESH
+
+    def lease_busy(self, now: float) -> None:
+        """Another process holds the mint lease: look again shortly (not a failure)."""
+        self.next_attempt_at = now + self.rng.uniform(0.5, 1.5) * LEASE_POLL
 
     def attempt_failed(self, error: BaseException, now: float) -> None:
         """Record a failed attempt and set the backoff gate."""

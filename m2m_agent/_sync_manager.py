@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import tenacity
 
 from m2m_agent._client import ClerkM2MClient
-from m2m_agent._manager_base import REVOKE_TIMEOUT, ManagerBase, log
+from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, ManagerBase, log
 from m2m_agent._policy import RefreshPolicy
+from m2m_agent._refresh import CachedToken
 from m2m_agent._secrets import Secret
 from m2m_agent._token import TokenFormat
-from m2m_agent.errors import ConfigurationError
+from m2m_agent.errors import ConfigurationError, StoreError
+from m2m_agent.stores._base import TokenStore
 
 __all__ = ["TokenManager"]
+
+T = TypeVar("T")
 
 
 class _Flight:
@@ -55,6 +59,7 @@ class TokenManager(ManagerBase):
         token_format: TokenFormat = "opaque",
         refresh: RefreshPolicy | None = None,
         revoke_on_close: bool = True,
+        store: TokenStore | None = None,
         client: ClerkM2MClient | None = None,
     ) -> None:
         super().__init__(
@@ -63,6 +68,7 @@ class TokenManager(ManagerBase):
             token_format=token_format,
             refresh=refresh,
             revoke_on_close=revoke_on_close,
+            store=store,
         )
         if client is not None:
             if machine_secret_key is not None or api_url is not None:
@@ -73,6 +79,9 @@ class TokenManager(ManagerBase):
                 )
         self._client = client or ClerkM2MClient(machine_secret_key, api_url=api_url)
         self._own_client = client is None
+        self._bind_store(
+            api_url=str(self._client.api_url), key_fingerprint=self._client.key_fingerprint
+        )
         self._flight: _Flight | None = None
         self._stop = threading.Event()
         self._refresher_thread: threading.Thread | None = None
@@ -170,11 +179,44 @@ class TokenManager(ManagerBase):
             return self._core.delay_before_attempt(time.monotonic())
 
     def _attempt(self) -> None:
+        """One attempt: adopt a shared token, or take the lease and mint (or just mint)."""
+        store = self._shared_store
+        if store is None:
+            self._mint(owned=True)
+            return
+        key, owner = self._store_key, self._owner
+        stored = self._store_call(store.load, key)
+        if stored is not None and self._adopted(stored):
+            return
+        leased = self._store_call(store.acquire, key, owner, LEASE_TTL)
+        if leased is False:
+            raise self._lease_busy()
+        try:
+            stored = self._store_call(store.load, key) if leased else None
+            if stored is not None and self._adopted(stored):
+                return
+            entry = self._mint(owned=False)
+            self._store_call(store.save, key, self._to_stored(entry))
+        finally:
+            if leased:
+                self._store_call(store.release, key, owner)
+
+    def _store_call(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """A store operation; on failure, log it and carry on without the store (None)."""
+        try:
+            return fn(*args)
+        except StoreError as exc:
+            self._store_failed(exc)
+            return None
+
+    def _mint(self, *, owned: bool) -> CachedToken:
         sent_at = time.monotonic()
         try:
             token = self._client.create_token(**self._minted_args())
             with self._lock:
-                entry = self._core.attempt_succeeded(token, sent_at=sent_at, now=time.monotonic())
+                entry = self._core.attempt_succeeded(
+                    token, sent_at=sent_at, now=time.monotonic(), owned=owned
+                )
         except Exception as exc:
             with self._lock:
                 now = time.monotonic()
@@ -184,6 +226,7 @@ class TokenManager(ManagerBase):
             self._log_failure(exc, retry_in=retry_in if retrying else None)
             raise
         self._log_minted(entry)
+        return entry
 
     def _revoke_due(self, *, everything: bool = False) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ Every exception derives from one root, so ``except M2MAgentError`` catches all o
     │   └── MalformedResponseError             a response that is not what the contract says
     ├── TransportError                         the API could not be reached (connect, timeout, drop)
     ├── TokenUnavailableError                  no usable token within the wait budget
+    ├── StoreError                             a shared token store failed (managers fall back)
     └── InvalidTokenError                      a presented token did not verify (see ``.reason``)
 
 Every exception pickles (Celery moves them between processes) and none carries a machine secret
@@ -36,6 +37,7 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "ServerError",
+    "StoreError",
     "TokenUnavailableError",
     "TransportError",
 ]
@@ -139,6 +141,14 @@ class TokenUnavailableError(M2MAgentError):
     """No usable token could be had within the wait budget.
 
     Its ``__cause__`` is the last failure (a ``ClerkAPIError`` or ``TransportError``).
+    """
+
+
+class StoreError(M2MAgentError):
+    """A shared token store could not be read or written (Redis down, a file unreadable).
+
+    Token managers never let it reach a caller: they log it, mint on their own, and share again
+    once the store is back.
     """
 
 
