@@ -1,4 +1,6 @@
-"""The ``m2m-agent`` command line: ``demo``, ``emulator``, ``verify``, ``revoke``, ``list``.
+"""The ``m2m-agent`` command line.
+
+Commands: ``demo``, ``emulator``, ``token``, ``exec``, ``verify``, ``revoke``, ``list``.
 
 Exit codes a shell user can act on:
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -22,6 +26,7 @@ import structlog
 
 from m2m_agent import _version
 from m2m_agent._client import ClerkM2MClient
+from m2m_agent._sync_manager import TokenManager
 from m2m_agent._token import M2MToken
 from m2m_agent.errors import (
     ClerkAPIError,
@@ -96,6 +101,74 @@ def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
         + "\n"
     )
     return EXIT_OK
+
+
+def _token_manager(args: argparse.Namespace) -> TokenManager:
+    """A manager that reuses a token across runs through a FileStore (unless --no-cache)."""
+    from m2m_agent.stores import FileStore, MemoryStore
+
+    store = MemoryStore() if args.no_cache else FileStore(args.cache)
+    return TokenManager(
+        machine_secret_key=args.key,
+        api_url=args.api_url,
+        lifetime=args.lifetime,
+        token_format=args.format,
+        store=store,
+        revoke_on_close=False,
+    )
+
+
+def _cmd_token(args: argparse.Namespace, out: TextIO) -> int:
+    with _token_manager(args) as manager:
+        token = manager.get_token()
+        stats = manager.statistics()
+    if args.json:
+        expires_in = stats.seconds_to_expiry
+        payload = {
+            "token": token,
+            "token_id": stats.token_id,
+            "expires_in": round(expires_in, 3) if expires_in is not None else None,
+            "minted": stats.mints > 0,
+        }
+        out.write(json.dumps(payload) + "\n")
+    else:
+        out.write(token + "\n")
+    return EXIT_OK
+
+
+def _cmd_exec(args: argparse.Namespace, out: TextIO) -> int:
+    command = list(args.cmd)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise ConfigurationError("exec needs a command: m2m-agent exec -- CMD [ARGS...]")
+    with _token_manager(args) as manager:
+        token = manager.get_token()
+    env = {**os.environ, args.env_var: token}
+    try:
+        return subprocess.call(command, env=env)  # noqa: S603 - the user's own command
+    except FileNotFoundError:
+        raise ConfigurationError(f"exec: command not found: {command[0]}") from None
+
+
+def _add_token_options(parser: argparse.ArgumentParser) -> None:
+    _add_api_options(parser)
+    parser.add_argument(
+        "--lifetime", type=float, default=3600.0, help="token lifetime in seconds (default 3600)"
+    )
+    parser.add_argument(
+        "--format", choices=["opaque", "jwt"], default="opaque", help="token format"
+    )
+    parser.add_argument(
+        "--cache",
+        default=None,
+        metavar="PATH",
+        help="token cache file (mode 0600), shared by runs on this host; default "
+        "$XDG_CACHE_HOME/m2m-agent/tokens.json",
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="always mint a fresh token (costs a mint per run)"
+    )
 
 
 def _cmd_emulator(args: argparse.Namespace, out: TextIO) -> int:
@@ -174,6 +247,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emulator.add_argument("--json", action="store_true", help="print the settings as JSON")
     emulator.set_defaults(handler=_cmd_emulator)
+
+    token = commands.add_parser(
+        "token",
+        help="print a valid token (reusing a cached one), for shell scripts and cron",
+        description="Print an M2M token with comfortably more than the safety margin left. "
+        "Runs on one host share one cached token (a private file), so a job run every minute "
+        "mints about once per token lifetime. The token is never revoked by this command.",
+    )
+    _add_token_options(token)
+    token.add_argument(
+        "--json", action="store_true", help="print {token, token_id, expires_in, minted}"
+    )
+    token.set_defaults(handler=_cmd_token)
+
+    execute = commands.add_parser(
+        "exec",
+        help="run a command with a valid token in its environment",
+        description="Run CMD with a valid token in $CLERK_M2M_TOKEN (see --env-var); exits with "
+        "CMD's exit code. The token is not put on the command line, where `ps` would show it.",
+    )
+    _add_token_options(execute)
+    execute.add_argument(
+        "--env-var", default="CLERK_M2M_TOKEN", help="variable to put the token in"
+    )
+    execute.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    execute.set_defaults(handler=_cmd_exec)
 
     verify = commands.add_parser(
         "verify",

@@ -16,6 +16,7 @@ each call, run the mint it asks for, and report back. Rules it keeps:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import math
@@ -185,6 +186,8 @@ class Coordinator:
         self.next_attempt_at = -math.inf
         self.last_demand_at = -math.inf
         self.pending_revocations: list[tuple[str, float]] = []
+        self.rejected_ids: collections.deque[str] = collections.deque(maxlen=32)
+        """Ids of tokens callers saw rejected: never adopted again from a shared store."""
         self._counts = dict.fromkeys(
             (
                 "mints",
@@ -242,6 +245,7 @@ class Coordinator:
         if now - entry.obtained_at < self.policy.min_invalidate_age:
             return False
         self.current = None
+        self.rejected_ids.append(entry.record.id)
         self._counts["invalidations"] += 1
         self._retire(entry, now)
         return True
@@ -304,7 +308,9 @@ class Coordinator:
         better (the same token, an older one, or one already inside its safety margin).
         """
         current = self.current
-        if current is not None and current.record.id == stored.id:
+        if stored.id in self.rejected_ids or (
+            current is not None and current.record.id == stored.id
+        ):
             return None
         obtained = now - (wall_now - stored.obtained_at)
         lifetime = stored.lifetime
