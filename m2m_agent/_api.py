@@ -237,7 +237,8 @@ class Endpoints:
         if not isinstance(token, str) or not token or token != token.strip():
             raise ConfigurationError("verify_token takes a non-empty token string without spaces.")
         request = self._request("POST", "/m2m_tokens/verify", body={"token": token})
-        return ApiCall("verify", request, _parse_verified)
+        token_format: TokenFormat = "jwt" if _JWT_SHAPE.match(token) else "opaque"
+        return ApiCall("verify", request, lambda r: _parse_verified(r, token_format))
 
     def list(
         self, *, subject: str, revoked: bool, expired: bool, limit: int, offset: int
@@ -308,8 +309,9 @@ def _parse_token(response: ApiResponse, *, with_secret: bool) -> M2MToken:
     return token
 
 
-def _parse_verified(response: ApiResponse) -> M2MToken:
-    token = _parse_token(response, with_secret=False)
+def _parse_verified(response: ApiResponse, token_format: TokenFormat) -> M2MToken:
+    # The verify answer has no token string: the format is that of the token we sent.
+    token = dataclasses.replace(_parse_token(response, with_secret=False), format=token_format)
     # Defence in depth: Clerk answers 404 for such tokens, but a 200 that says so is no pass.
     if token.revoked:
         raise InvalidTokenError(f"Token {token.id} is revoked.", reason="revoked")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -23,11 +22,11 @@ import anyio.to_thread
 import sniffio
 import tenacity
 
+from m2m_agent import _clock
 from m2m_agent._client import AsyncClerkM2MClient
 from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, ManagerBase, log
 from m2m_agent._policy import RefreshPolicy
 from m2m_agent._refresh import CachedToken
-from m2m_agent._secrets import Secret
 from m2m_agent._token import TokenFormat
 from m2m_agent.errors import ConfigurationError, StoreError
 from m2m_agent.stores._base import TokenStore
@@ -93,6 +92,8 @@ class AsyncTokenManager(ManagerBase):
         refresh: When to refresh and how to retry (:class:`RefreshPolicy`).
         revoke_on_close: Revoke the current opaque token on ``aclose()``, if this process alone
             minted it (default True).
+        store: Where the token is kept: :class:`~m2m_agent.stores.MemoryStore` (default), or a
+            shared ``FileStore``/``RedisStore`` so processes mint once per rotation.
         client: Your own :class:`AsyncClerkM2MClient` (then ``machine_secret_key`` and
             ``api_url`` must not be given). Not closed by the manager.
 
@@ -103,7 +104,7 @@ class AsyncTokenManager(ManagerBase):
     def __init__(
         self,
         *,
-        machine_secret_key: str | Secret | None = None,
+        machine_secret_key: str | None = None,
         api_url: str | None = None,
         lifetime: float = 3600.0,
         claims: Mapping[str, Any] | None = None,
@@ -149,7 +150,7 @@ class AsyncTokenManager(ManagerBase):
         # per hour) lets the manager outlive loops.
         template = self._template
         async with AsyncClerkM2MClient(
-            template._key, api_url=template.api_url, allow_insecure_http=True
+            template._key.reveal(), api_url=template.api_url, allow_insecure_http=True
         ) as client:
             yield client
 
@@ -166,22 +167,22 @@ class AsyncTokenManager(ManagerBase):
                 failed for good (a wrong key); ``__cause__`` is the last failure.
         """
         entry = self._core.current  # an immutable snapshot: safe to read without the lock
-        if entry is not None and time.monotonic() < entry.refresh_after and self._fast_path_ok:
+        if entry is not None and _clock.now() < entry.refresh_after and self._fast_path_ok:
             return entry.secret
         with self._lock:
-            plan = self._core.plan(time.monotonic())
+            plan = self._core.plan(_clock.now())
             flight = self._start_flight() if plan.start_flight else self._flight
         if plan.token is not None:
             return plan.token
         if plan.fail is not None:
             raise self._unavailable(plan.fail)
-        deadline = time.monotonic() + self._policy.wait_timeout
+        deadline = _clock.now() + self._policy.wait_timeout
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - _clock.now()
             if flight is not None and remaining > 0:
                 await flight.wait(remaining)
             with self._lock:
-                now = time.monotonic()
+                now = _clock.now()
                 token = self._core.usable_token(now)
                 if token is not None:
                     return token
@@ -205,7 +206,7 @@ class AsyncTokenManager(ManagerBase):
     async def _run_flight(self, flight: _Flight) -> None:
         try:
             with self._lock:
-                delay = self._core.delay_before_attempt(time.monotonic())
+                delay = self._core.delay_before_attempt(_clock.now())
             await anyio.sleep(delay)
             async with self._client() as client:
                 retrying = tenacity.AsyncRetrying(
@@ -230,11 +231,11 @@ class AsyncTokenManager(ManagerBase):
 
     def _should_retry(self) -> bool:
         with self._lock:
-            return self._core.should_retry(time.monotonic())
+            return self._core.should_retry(_clock.now())
 
     def _retry_delay(self) -> float:
         with self._lock:
-            return self._core.delay_before_attempt(time.monotonic())
+            return self._core.delay_before_attempt(_clock.now())
 
     async def _attempt(self, client: AsyncClerkM2MClient) -> None:
         """One attempt: adopt a shared token, or take the lease and mint (or just mint)."""
@@ -269,16 +270,16 @@ class AsyncTokenManager(ManagerBase):
             return None
 
     async def _mint(self, client: AsyncClerkM2MClient, *, owned: bool) -> CachedToken:
-        sent_at = time.monotonic()
+        sent_at = _clock.now()
         try:
             token = await client.create_token(**self._minted_args())
             with self._lock:
                 entry = self._core.attempt_succeeded(
-                    token, sent_at=sent_at, now=time.monotonic(), owned=owned
+                    token, sent_at=sent_at, now=_clock.now(), owned=owned
                 )
         except Exception as exc:
             with self._lock:
-                now = time.monotonic()
+                now = _clock.now()
                 self._core.attempt_failed(exc, now)
                 retry_in = self._core.delay_before_attempt(now)
                 retrying = self._core.should_retry(now)
@@ -289,7 +290,7 @@ class AsyncTokenManager(ManagerBase):
 
     async def _revoke_due(self, client: AsyncClerkM2MClient, *, everything: bool = False) -> None:
         with self._lock:
-            due = self._core.due_revocations(time.monotonic(), everything=everything)
+            due = self._core.due_revocations(_clock.now(), everything=everything)
         for token_id in due:
             await self._revoke(client, token_id)
 
@@ -308,13 +309,13 @@ class AsyncTokenManager(ManagerBase):
     async def _refresher(self) -> None:
         while True:
             with self._lock:
-                now = time.monotonic()
+                now = _clock.now()
                 wake = self._core.next_wakeup(now)
             await anyio.sleep(max(0.0, wake - now))
             with self._lock:
                 if self._core.closed:
                     return
-                now = time.monotonic()
+                now = _clock.now()
                 flight = self._start_flight() if self._core.refresh_due(now) else self._flight
                 revocation_due = (self._core.next_revocation_at() or float("inf")) <= now
             if flight is not None:
@@ -353,10 +354,14 @@ class AsyncTokenManager(ManagerBase):
             task_group.cancel_scope.cancel()
             await task_group.__aexit__(None, None, None)
         if to_revoke:
+            done: list[str] = []
             with anyio.CancelScope(shield=True), anyio.move_on_after(REVOKE_TIMEOUT):
                 async with self._client() as client:
                     for token_id in to_revoke:
                         await self._revoke(client, token_id)
+                        done.append(token_id)
+            for token_id in to_revoke[len(done) :]:
+                log.warning("m2m_agent.token.revoke_skipped", token_id=token_id)
         if self._own_client:
             with anyio.CancelScope(shield=True):
                 await self._template.aclose()

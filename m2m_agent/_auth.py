@@ -114,7 +114,8 @@ class M2MAuth(AuthFlows, httpx.Auth):
     With a :class:`TokenManager` it serves ``httpx.Client``; with an :class:`AsyncTokenManager`,
     ``httpx.AsyncClient``; the wrong pairing raises ``RuntimeError``. Sets
     ``Authorization: Bearer <token>``. On a 401 it invalidates the token and replays the request
-    once with a fresh one, if the body can be replayed.
+    once with a fresh one, if the body can be replayed and the manager has a different token
+    (a token younger than ``RefreshPolicy.min_invalidate_age`` is kept: see there).
 
     Args:
         manager: The token manager to draw tokens from.

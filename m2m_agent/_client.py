@@ -17,7 +17,6 @@ import structlog
 
 from m2m_agent._api import ApiCall, ApiResponse, BodyReader, Endpoints
 from m2m_agent._config import resolve_api_url, resolve_machine_secret_key
-from m2m_agent._secrets import Secret
 from m2m_agent._token import M2MToken, M2MTokenList, TokenFormat
 from m2m_agent.errors import TransportError
 
@@ -36,7 +35,7 @@ class _ClientBase:
 
     def __init__(
         self,
-        machine_secret_key: str | Secret | None = None,
+        machine_secret_key: str | None = None,
         *,
         api_url: str | httpx.URL | None = None,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
@@ -105,7 +104,7 @@ class ClerkM2MClient(_ClientBase):
 
     def __init__(
         self,
-        machine_secret_key: str | Secret | None = None,
+        machine_secret_key: str | None = None,
         *,
         api_url: str | httpx.URL | None = None,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
@@ -232,7 +231,7 @@ class AsyncClerkM2MClient(_ClientBase):
 
     def __init__(
         self,
-        machine_secret_key: str | Secret | None = None,
+        machine_secret_key: str | None = None,
         *,
         api_url: str | httpx.URL | None = None,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,

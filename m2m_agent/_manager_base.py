@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from m2m_agent import _clock
 from m2m_agent._policy import RefreshPolicy
 from m2m_agent._refresh import CachedToken, Coordinator, Statistics
 from m2m_agent._secrets import fingerprint
@@ -108,7 +109,7 @@ class ManagerBase:
     def _adopted(self, stored: StoredToken) -> bool:
         """Adopt ``stored`` if it beats ours; whether we now hold a FRESH token."""
         with self._lock:
-            now = time.monotonic()
+            now = _clock.now()
             entry = self._core.adopt(stored, now=now, wall_now=time.time())
             fresh = self._core.current_is_fresh(now)
         if entry is not None:
@@ -117,11 +118,11 @@ class ManagerBase:
 
     def _to_stored(self, entry: CachedToken) -> StoredToken:
         with self._lock:
-            return self._core.to_stored(entry, now=time.monotonic(), wall_now=time.time())
+            return self._core.to_stored(entry, now=_clock.now(), wall_now=time.time())
 
     def _lease_busy(self) -> _LeaseBusy:
         with self._lock:
-            self._core.lease_busy(time.monotonic())
+            self._core.lease_busy(_clock.now())
         return _LeaseBusy()
 
     @property
@@ -132,7 +133,7 @@ class ManagerBase:
     def statistics(self) -> Statistics:
         """An immutable snapshot: mints, refreshes, failures, waits, the current token's id..."""
         with self._lock:
-            return self._core.statistics(time.monotonic())
+            return self._core.statistics(_clock.now())
 
     def invalidate(self, token: str) -> bool:
         """Report that ``token`` was rejected: the next ``get_token`` gets a new one.
@@ -141,7 +142,7 @@ class ManagerBase:
         Returns whether this call dropped it. Never blocks, never does I/O.
         """
         with self._lock:
-            dropped = self._core.invalidate(token, time.monotonic())
+            dropped = self._core.invalidate(token, _clock.now())
         if dropped:
             log.info("m2m_agent.token.invalidated", fingerprint=fingerprint(token))
         return dropped

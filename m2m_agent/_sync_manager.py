@@ -9,18 +9,17 @@ HTTP client is rebuilt, and the inherited token is used but never revoked.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 import tenacity
 
+from m2m_agent import _clock
 from m2m_agent._client import ClerkM2MClient
 from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, ManagerBase, log
 from m2m_agent._policy import RefreshPolicy
 from m2m_agent._refresh import CachedToken
-from m2m_agent._secrets import Secret
 from m2m_agent._token import TokenFormat
 from m2m_agent.errors import ConfigurationError, StoreError
 from m2m_agent.stores._base import TokenStore
@@ -45,14 +44,29 @@ class TokenManager(ManagerBase):
     background refresher thread that mints ahead of expiry; without it, refresh happens on demand
     with the same guarantees.
 
-    Takes the same keyword arguments as :class:`AsyncTokenManager`, with a
-    :class:`ClerkM2MClient` for ``client``.
+    Args:
+        machine_secret_key: The machine secret key (``ak_...``); default
+            ``CLERK_MACHINE_SECRET_KEY``.
+        api_url: The Backend API URL; default ``CLERK_API_URL``, then Clerk's.
+        lifetime: Seconds each minted token lives (default one hour).
+        claims: Custom claims for the tokens.
+        token_format: ``"opaque"`` (default) or ``"jwt"``.
+        refresh: When to refresh and how to retry (:class:`RefreshPolicy`).
+        revoke_on_close: Revoke the current opaque token on ``close()``, if this process alone
+            minted it (default True).
+        store: Where the token is kept: :class:`~m2m_agent.stores.MemoryStore` (default), or a
+            shared ``FileStore``/``RedisStore`` so processes mint once per rotation.
+        client: Your own :class:`ClerkM2MClient` (then ``machine_secret_key`` and ``api_url``
+            must not be given). Not closed by the manager.
+
+    Raises:
+        ConfigurationError: a setting is missing or wrong.
     """
 
     def __init__(
         self,
         *,
-        machine_secret_key: str | Secret | None = None,
+        machine_secret_key: str | None = None,
         api_url: str | None = None,
         lifetime: float = 3600.0,
         claims: Mapping[str, Any] | None = None,
@@ -103,23 +117,23 @@ class TokenManager(ManagerBase):
                 failed for good (a wrong key); ``__cause__`` is the last failure.
         """
         entry = self._core.current  # an immutable snapshot: safe to read without the lock
-        if entry is not None and time.monotonic() < entry.refresh_after and self._fast_path_ok:
+        if entry is not None and _clock.now() < entry.refresh_after and self._fast_path_ok:
             return entry.secret
         with self._lock:
             self._ensure_refresher()
-            plan = self._core.plan(time.monotonic())
+            plan = self._core.plan(_clock.now())
             flight = self._start_flight() if plan.start_flight else self._flight
         if plan.token is not None:
             return plan.token
         if plan.fail is not None:
             raise self._unavailable(plan.fail)
-        deadline = time.monotonic() + self._policy.wait_timeout
+        deadline = _clock.now() + self._policy.wait_timeout
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - _clock.now()
             if flight is not None and remaining > 0:
                 flight.done.wait(remaining)
             with self._lock:
-                now = time.monotonic()
+                now = _clock.now()
                 token = self._core.usable_token(now)
                 if token is not None:
                     return token
@@ -145,7 +159,7 @@ class TokenManager(ManagerBase):
     def _run_flight(self, flight: _Flight) -> None:
         try:
             with self._lock:
-                delay = self._core.delay_before_attempt(time.monotonic())
+                delay = self._core.delay_before_attempt(_clock.now())
             self._stop.wait(delay)
             retrying = tenacity.Retrying(
                 sleep=self._sleep,
@@ -172,11 +186,11 @@ class TokenManager(ManagerBase):
 
     def _should_retry(self) -> bool:
         with self._lock:
-            return self._core.should_retry(time.monotonic())
+            return self._core.should_retry(_clock.now())
 
     def _retry_delay(self) -> float:
         with self._lock:
-            return self._core.delay_before_attempt(time.monotonic())
+            return self._core.delay_before_attempt(_clock.now())
 
     def _attempt(self) -> None:
         """One attempt: adopt a shared token, or take the lease and mint (or just mint)."""
@@ -210,16 +224,16 @@ class TokenManager(ManagerBase):
             return None
 
     def _mint(self, *, owned: bool) -> CachedToken:
-        sent_at = time.monotonic()
+        sent_at = _clock.now()
         try:
             token = self._client.create_token(**self._minted_args())
             with self._lock:
                 entry = self._core.attempt_succeeded(
-                    token, sent_at=sent_at, now=time.monotonic(), owned=owned
+                    token, sent_at=sent_at, now=_clock.now(), owned=owned
                 )
         except Exception as exc:
             with self._lock:
-                now = time.monotonic()
+                now = _clock.now()
                 self._core.attempt_failed(exc, now)
                 retry_in = self._core.delay_before_attempt(now)
                 retrying = self._core.should_retry(now)
@@ -230,7 +244,7 @@ class TokenManager(ManagerBase):
 
     def _revoke_due(self, *, everything: bool = False) -> None:
         with self._lock:
-            due = self._core.due_revocations(time.monotonic(), everything=everything)
+            due = self._core.due_revocations(_clock.now(), everything=everything)
         for token_id in due:
             self._revoke(token_id)
 
@@ -262,16 +276,18 @@ class TokenManager(ManagerBase):
     def _refresher(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                now = time.monotonic()
+                now = _clock.now()
                 wake = self._core.next_wakeup(now)
             if self._stop.wait(max(0.0, wake - now)):
                 return
             with self._lock:
-                now = time.monotonic()
+                now = _clock.now()
                 flight = self._start_flight() if self._core.refresh_due(now) else self._flight
                 revocation_due = (self._core.next_revocation_at() or float("inf")) <= now
             if flight is not None:
-                flight.done.wait(self._policy.wait_timeout + self._policy.max_backoff)
+                while not flight.done.wait(0.1):  # wake promptly on close()
+                    if self._stop.is_set():
+                        return
             elif revocation_due:
                 self._revoke_due()
 
@@ -301,9 +317,9 @@ class TokenManager(ManagerBase):
         self._stop.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(REVOKE_TIMEOUT)
-        deadline = time.monotonic() + REVOKE_TIMEOUT
+        deadline = _clock.now() + REVOKE_TIMEOUT
         for token_id in to_revoke:
-            if time.monotonic() > deadline:
+            if _clock.now() > deadline:
                 log.warning("m2m_agent.token.revoke_skipped", token_id=token_id)
                 continue
             self._revoke(token_id)
@@ -319,5 +335,5 @@ class TokenManager(ManagerBase):
         self._fast_path_ok = False  # the next get_token restarts the refresher
         if self._own_client:
             self._client = ClerkM2MClient(
-                self._client._key, api_url=self._client.api_url, allow_insecure_http=True
+                self._client._key.reveal(), api_url=self._client.api_url, allow_insecure_http=True
             )

@@ -34,13 +34,19 @@ class M2MToken:
     token: str | None = dataclasses.field(default=None, repr=False)
     """The bearer secret: on create responses only. Never logged or shown."""
     revoked: bool = False
+    """Whether the token was revoked (it no longer verifies)."""
     revocation_reason: str | None = None
+    """The reason given when it was revoked."""
     expired: bool = False
+    """Whether Clerk considers the token expired."""
     expiration: datetime | None = None
     """When the token stops working; None for a token that never expires."""
     created_at: datetime | None = None
+    """When it was minted."""
     updated_at: datetime | None = None
+    """When Clerk last changed it (minted, verified, revoked)."""
     last_used_at: datetime | None = None
+    """When it was last verified (opaque tokens only)."""
     format: TokenFormat = "opaque"
     """``"jwt"`` when ``token`` is a JWT, else ``"opaque"``."""
 

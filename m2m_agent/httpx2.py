@@ -33,7 +33,8 @@ class M2MAuth(AuthFlows, httpx2.Auth):
     :class:`~m2m_agent.AsyncTokenManager`, ``httpx2.AsyncClient``; the wrong pairing raises
     ``RuntimeError``. Sets ``Authorization: Bearer <token>``, doing no network I/O of its own
     when a token is cached. On a 401 it invalidates the token and replays the request once with a
-    fresh one, if the body can be replayed (held in memory, not streamed). Refuses plain
+    fresh one, if the body can be replayed (held in memory, not streamed) and the manager has a
+    different token (one younger than ``RefreshPolicy.min_invalidate_age`` is kept). Refuses plain
     ``http://`` to a non-loopback host unless ``allow_insecure_http=True``.
 
     Args:
