@@ -217,12 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="see it work: mint, call a protected service, verify, revoke (embedded emulator)",
-        description="Run the main job end to end on the embedded Clerk emulator (no account, "
-        "no network), or on Clerk itself with --real and CLERK_MACHINE_SECRET_KEY set.",
+        help="see it work: workers, refreshes, rotations and an outage, live (embedded emulator)",
+        description="Run the main job live on the embedded Clerk emulator (no account, no "
+        "network): workers call a protected service through M2MAuth with short-lived tokens "
+        "that are refreshed and rotated, while the token endpoint goes down for a while "
+        "halfway. Exits 1 if any request failed. With --real and CLERK_MACHINE_SECRET_KEY, "
+        "runs against Clerk itself (no outage; the machine must be in its own token scopes "
+        "for the service side to verify).",
     )
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds to run (default 20)")
+    demo.add_argument(
+        "--lifetime", type=float, default=8.0, help="token lifetime in seconds (default 8)"
+    )
+    demo.add_argument("--workers", type=int, default=4, help="concurrent workers (default 4)")
     demo.add_argument("--json", action="store_true", help="print one JSON summary")
-    demo.add_argument("--lifetime", type=float, default=60.0, help="token lifetime in seconds")
+    demo.add_argument("--no-outage", action="store_true", help="skip the injected outage")
     demo.add_argument(
         "--real", action="store_true", help="use Clerk itself ($CLERK_MACHINE_SECRET_KEY)"
     )
@@ -311,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbosity: int) -> None:
     """The CLI is an application: it, not the library, decides where log events go (stderr)."""
-    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -322,7 +331,8 @@ def _configure_logging(verbosity: int) -> None:
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
     """Run ``m2m-agent``; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    # The demo shows failures ridden out on screen: their warnings would only repeat it.
+    _configure_logging(args.verbose or (-1 if args.command == "demo" else 0))
     handler: Callable[[argparse.Namespace, TextIO], int] = args.handler
     err = sys.stderr
     try:
