@@ -55,3 +55,21 @@ def test_errors_are_re_exported():
 
 def test_version():
     assert m2m_agent.__version__
+
+
+def test_manager_faces_match():
+    """TokenManager and AsyncTokenManager cannot drift: same methods, same parameters."""
+    import inspect as i
+
+    lifecycle = {"close", "aclose"}
+    sync = {n for n in dir(m2m_agent.TokenManager) if not n.startswith("_")} - lifecycle
+    async_ = {n for n in dir(m2m_agent.AsyncTokenManager) if not n.startswith("_")} - lifecycle
+    assert sync == async_
+    for name in sync:
+        s = getattr(m2m_agent.TokenManager, name)
+        a = getattr(m2m_agent.AsyncTokenManager, name)
+        if callable(s):
+            assert list(i.signature(s).parameters) == list(i.signature(a).parameters), name
+    assert list(i.signature(m2m_agent.TokenManager).parameters) == list(
+        i.signature(m2m_agent.AsyncTokenManager).parameters
+    )
