@@ -35,10 +35,14 @@ from m2m_agent.errors import ServerError as ServerError
 from m2m_agent.errors import StoreError as StoreError
 from m2m_agent.errors import TokenUnavailableError as TokenUnavailableError
 from m2m_agent.errors import TransportError as TransportError
+from m2m_agent.verify import AsyncTokenVerifier as AsyncTokenVerifier
+from m2m_agent.verify import TokenVerifier as TokenVerifier
+from m2m_agent.verify import VerifiedToken as VerifiedToken
 
 __all__ = [
     "AsyncClerkM2MClient",
     "AsyncTokenManager",
+    "AsyncTokenVerifier",
     "AuthenticationError",
     "BadRequestError",
     "ClerkAPIError",
@@ -61,7 +65,9 @@ __all__ = [
     "TokenManager",
     "TokenState",
     "TokenUnavailableError",
+    "TokenVerifier",
     "TransportError",
+    "VerifiedToken",
     "__version__",
 ]
 

@@ -9,7 +9,15 @@ import pytest
 
 import m2m_agent
 
-PUBLIC_MODULES = ["m2m_agent", "m2m_agent.errors", "m2m_agent.emulator", "m2m_agent.httpx2"]
+PUBLIC_MODULES = [
+    "m2m_agent",
+    "m2m_agent.errors",
+    "m2m_agent.emulator",
+    "m2m_agent.httpx2",
+    "m2m_agent.stores",
+    "m2m_agent.verify",
+    "m2m_agent.asgi",
+]
 
 
 @pytest.mark.parametrize("name", PUBLIC_MODULES)
