@@ -7,6 +7,7 @@ parsers; the only code here is sending. Method names and arguments are identical
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -119,12 +120,20 @@ class ClerkM2MClient(_ClientBase):
         )
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else httpx.Client(timeout=self._timeout)
+        self._pid = os.getpid()
+
+    def _http_client(self) -> httpx.Client:
+        if self._owns_http and self._pid != os.getpid():
+            # A forked child: the pool's connections are the parent's sockets, never share
+            # them. (A client you passed in is yours to handle.)
+            self._http, self._pid = httpx.Client(timeout=self._timeout), os.getpid()
+        return self._http
 
     def _call(self, call: ApiCall[T]) -> T:
         started = time.monotonic()
         reader = BodyReader()
         try:
-            response = self._http.send(call.request, stream=True)
+            response = self._http_client().send(call.request, stream=True)
             try:
                 for chunk in response.iter_bytes():
                     reader.feed(chunk, status_code=response.status_code)
@@ -248,12 +257,18 @@ class AsyncClerkM2MClient(_ClientBase):
         self._http = (
             http_client if http_client is not None else httpx.AsyncClient(timeout=self._timeout)
         )
+        self._pid = os.getpid()
+
+    def _http_client(self) -> httpx.AsyncClient:
+        if self._owns_http and self._pid != os.getpid():
+            self._http, self._pid = httpx.AsyncClient(timeout=self._timeout), os.getpid()
+        return self._http
 
     async def _call(self, call: ApiCall[T]) -> T:
         started = time.monotonic()
         reader = BodyReader()
         try:
-            response = await self._http.send(call.request, stream=True)
+            response = await self._http_client().send(call.request, stream=True)
             try:
                 async for chunk in response.aiter_bytes():
                     reader.feed(chunk, status_code=response.status_code)

@@ -12,13 +12,12 @@ import secrets
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import structlog
 
-from m2m_agent import _clock
+from m2m_agent import _clock, _forksafe
 from m2m_agent._policy import RefreshPolicy
 from m2m_agent._refresh import CachedToken, Coordinator, Statistics
 from m2m_agent._secrets import fingerprint
@@ -82,7 +81,7 @@ class ManagerBase:
         self._pid = os.getpid()
         self._owner = _new_owner()
         self._store_key = ""  # set by the driver once it knows its client: _bind_store()
-        _register_fork_hooks(self)
+        _forksafe.register(self)
 
     def _bind_store(self, *, api_url: str, key_fingerprint: str) -> None:
         self._store_key = store_key(
@@ -221,29 +220,3 @@ LEASE_TTL = 15.0
 
 def _new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
-
-
-_managers: weakref.WeakSet[ManagerBase] = weakref.WeakSet()
-_hooks_installed = False
-
-
-def _register_fork_hooks(manager: ManagerBase) -> None:
-    global _hooks_installed
-    _managers.add(manager)
-    if _hooks_installed or not hasattr(os, "register_at_fork"):
-        return
-    _hooks_installed = True
-
-    def before() -> None:
-        for m in list(_managers):
-            m._before_fork()
-
-    def in_parent() -> None:
-        for m in list(_managers):
-            m._after_fork_in_parent()
-
-    def in_child() -> None:
-        for m in list(_managers):
-            m._after_fork_in_child()
-
-    os.register_at_fork(before=before, after_in_parent=in_parent, after_in_child=in_child)

@@ -327,13 +327,9 @@ class TokenManager(ManagerBase):
             self._client.close()
 
     def _reset_after_fork(self) -> None:
-        # The parent's mint and refresher threads do not exist here; its HTTP connections must
-        # not be shared. A refresher restarts on the next get_token if the manager was entered.
+        # The parent's mint and refresher threads do not exist here (the client rebuilds its own
+        # connection pool). A refresher restarts on the next get_token if the manager was entered.
         self._flight = None
         self._refresher_thread = None
         self._stop = threading.Event()
-        self._fast_path_ok = False  # the next get_token restarts the refresher
-        if self._own_client:
-            self._client = ClerkM2MClient(
-                self._client._key.reveal(), api_url=self._client.api_url, allow_insecure_http=True
-            )
+        self._fast_path_ok = False

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import structlog
 
+from m2m_agent import _forksafe
 from m2m_agent.errors import ConfigurationError, StoreError
 from m2m_agent.stores._base import StoredToken, TokenStore
 
@@ -56,6 +57,16 @@ class FileStore(TokenStore):
         self._mutex = threading.Lock()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._check_private(self.path.parent, folder=True)
+        _forksafe.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        # A lease the parent held is the parent's: close our copy of the lock file so the
+        # lock dies with the parent, and start with a mutex no parent thread can be holding.
+        self._mutex = threading.Lock()
+        leases, self._leases = self._leases, {}
+        for fd in leases.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __repr__(self) -> str:
         return f"<FileStore {str(self.path)!r}>"

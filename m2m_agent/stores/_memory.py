@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+from m2m_agent import _forksafe
 from m2m_agent.stores._base import StoredToken, TokenStore
 
 __all__ = ["MemoryStore"]
@@ -23,6 +24,12 @@ class MemoryStore(TokenStore):
         self._lock = threading.Lock()
         self._tokens: dict[str, StoredToken] = {}
         self._leases: dict[str, tuple[str, float]] = {}
+        _forksafe.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's lock may have been held by one of its threads: it would stay held here.
+        self._lock = threading.Lock()
+        self._leases.clear()
 
     def __repr__(self) -> str:
         return f"<MemoryStore tokens={len(self._tokens)}>"
