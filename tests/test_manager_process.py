@@ -254,3 +254,74 @@ def test_sync_client_in_async_manager_is_refused(emulator: Emulator, worker: Mac
 
     with pytest.raises(ConfigurationError):
         TokenManager(client=AsyncClerkM2MClient(worker.secret_key))  # type: ignore[arg-type]
+
+
+@fork_only
+class TestForkRegressions:
+    def test_store_locks_held_by_a_parent_thread_do_not_hang_the_child(self, tmp_path):
+        from m2m_agent.stores import FileStore, MemoryStore
+
+        from .test_stores import sample
+
+        for store in (FileStore(tmp_path / "tokens.json"), MemoryStore()):
+            lock = store._mutex if isinstance(store, FileStore) else store._lock
+            held, release = threading.Event(), threading.Event()
+
+            def hold(lock: Any, held: threading.Event, release: threading.Event) -> None:
+                with lock:
+                    held.set()
+                    release.wait(5)
+
+            holder = threading.Thread(target=hold, args=(lock, held, release))
+            holder.start()
+            held.wait(5)
+            try:
+
+                def child(store: Any = store) -> dict[str, Any]:
+                    store.save("k", sample())
+                    return {"ok": store.load("k") is not None}
+
+                assert in_child(child, timeout=5)["ok"]
+            finally:
+                release.set()
+                holder.join(5)
+
+    def test_managers_created_during_a_fork_leave_no_lock_held(self):
+        key = "ak_test_" + "0" * 32
+        keep = [
+            TokenManager(machine_secret_key=key, api_url="http://127.0.0.1:9") for _ in range(5)
+        ]
+        stop = threading.Event()
+
+        def churn() -> None:
+            while not stop.is_set():
+                keep.append(TokenManager(machine_secret_key=key, api_url="http://127.0.0.1:9"))
+                del keep[20:]
+
+        thread = threading.Thread(target=churn)
+        thread.start()
+        try:
+            for _ in range(40):
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - child
+                    os._exit(0)
+                os.waitpid(pid, 0)
+        finally:
+            stop.set()
+            thread.join(5)
+        assert not [m for m in keep if m._lock.locked()]
+
+    def test_a_forked_child_never_uses_the_parents_connections(self, emulator, worker, server):
+        from m2m_agent import ClerkM2MClient
+
+        client = ClerkM2MClient(worker.secret_key, api_url=server.url)
+        client.create_token()
+        parent_http = id(client._http_client())
+
+        def child() -> dict[str, Any]:
+            client.create_token()
+            return {"same": id(client._http_client()) == parent_http}
+
+        assert in_child(child)["same"] is False
+        assert id(client._http_client()) == parent_http
+        client.close()
