@@ -270,7 +270,8 @@ def run_demo(args: argparse.Namespace, out: TextIO) -> int:
     calls = summary.get("api_calls")
     if calls:
         out.write(
-            f"Clerk API calls: {calls['create']} token creations (billed: {summary['mints']}), "
+            f"Clerk API calls: {calls['create']} create calls ({summary['mints']} tokens minted "
+            "and billed, the rest refused during the outage), "
             f"{calls['verify']} verifications for {summary['requests']} requests (cached by the "
             f"service), {calls['revoke']} revocations.\n"
         )
