@@ -28,7 +28,7 @@ from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, ManagerBase, log
 from m2m_agent._policy import RefreshPolicy
 from m2m_agent._refresh import CachedToken
 from m2m_agent._token import TokenFormat
-from m2m_agent.errors import ConfigurationError, StoreError
+from m2m_agent.errors import StoreError
 from m2m_agent.stores._base import TokenStore
 
 __all__ = ["AsyncTokenManager"]
@@ -122,13 +122,13 @@ class AsyncTokenManager(ManagerBase):
             revoke_on_close=revoke_on_close,
             store=store,
         )
-        if client is not None:
-            if machine_secret_key is not None or api_url is not None:
-                raise ConfigurationError("Give either client= or machine_secret_key/api_url.")
-            if not isinstance(client, AsyncClerkM2MClient):
-                raise ConfigurationError(
-                    "client must be an AsyncClerkM2MClient (use TokenManager for ClerkM2MClient)."
-                )
+        self._check_client(
+            client,
+            AsyncClerkM2MClient,
+            key=machine_secret_key,
+            api_url=api_url,
+            hint="n AsyncClerkM2MClient (use TokenManager for ClerkM2MClient)",
+        )
         # Validates the key and URL now; an owned client is made per flight, on its loop.
         self._template = client or AsyncClerkM2MClient(machine_secret_key, api_url=api_url)
         self._own_client = client is None

@@ -8,18 +8,16 @@ parsers; the only code here is sending. Method names and arguments are identical
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
-import structlog
 
-from m2m_agent._api import ApiCall, ApiResponse, BodyReader, Endpoints
+from m2m_agent._api import ApiCall, Endpoints
 from m2m_agent._config import resolve_api_url, resolve_machine_secret_key
+from m2m_agent._send import asend, send
 from m2m_agent._token import M2MToken, M2MTokenList, TokenFormat
-from m2m_agent.errors import TransportError
 
 __all__ = ["DEFAULT_TIMEOUT", "AsyncClerkM2MClient", "ClerkM2MClient"]
 
@@ -27,8 +25,6 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 """Per-request timeout: a mint that takes longer than this is better retried than waited for."""
-
-_log = structlog.get_logger("m2m_agent")
 
 
 class _ClientBase:
@@ -62,29 +58,6 @@ class _ClientBase:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} api_url={str(self.api_url)!r} key={self._key!r}>"
-
-    def _log_transport_error(self, call: ApiCall[Any], exc: httpx.TransportError) -> TransportError:
-        url = call.request.url
-        _log.debug(
-            "m2m_agent.api.transport_error",
-            operation=call.operation,
-            error=type(exc).__name__,
-        )
-        return TransportError(
-            f"Could not reach the Clerk API at {url.scheme}://{url.netloc.decode()} "
-            f"({call.operation}): {type(exc).__name__}: {exc}"
-        )
-
-    def _received(
-        self, call: ApiCall[T], response: httpx.Response, body: bytes, started: float
-    ) -> T:
-        _log.debug(
-            "m2m_agent.api.response",
-            operation=call.operation,
-            status_code=response.status_code,
-            elapsed_ms=round((time.monotonic() - started) * 1000, 1),
-        )
-        return call.parse(ApiResponse(response.status_code, response.headers, body, time.time()))
 
 
 class ClerkM2MClient(_ClientBase):
@@ -130,18 +103,7 @@ class ClerkM2MClient(_ClientBase):
         return self._http
 
     def _call(self, call: ApiCall[T]) -> T:
-        started = time.monotonic()
-        reader = BodyReader()
-        try:
-            response = self._http_client().send(call.request, stream=True)
-            try:
-                for chunk in response.iter_bytes():
-                    reader.feed(chunk, status_code=response.status_code)
-            finally:
-                response.close()
-        except httpx.TransportError as exc:
-            raise self._log_transport_error(call, exc) from exc
-        return self._received(call, response, reader.content, started)
+        return send(self._http_client(), call)
 
     def create_token(
         self,
@@ -265,18 +227,7 @@ class AsyncClerkM2MClient(_ClientBase):
         return self._http
 
     async def _call(self, call: ApiCall[T]) -> T:
-        started = time.monotonic()
-        reader = BodyReader()
-        try:
-            response = await self._http_client().send(call.request, stream=True)
-            try:
-                async for chunk in response.aiter_bytes():
-                    reader.feed(chunk, status_code=response.status_code)
-            finally:
-                await response.aclose()
-        except httpx.TransportError as exc:
-            raise self._log_transport_error(call, exc) from exc
-        return self._received(call, response, reader.content, started)
+        return await asend(self._http_client(), call)
 
     async def create_token(
         self,

@@ -124,6 +124,18 @@ class ManagerBase:
             self._core.lease_busy(_clock.now())
         return _LeaseBusy()
 
+    @staticmethod
+    def _check_client(
+        client: object, expected: type, *, key: str | None, api_url: str | None, hint: str
+    ) -> None:
+        """Refuse a client of the wrong face, or a client given along with its settings."""
+        if client is None:
+            return
+        if key is not None or api_url is not None:
+            raise ConfigurationError("Give either client= or machine_secret_key/api_url.")
+        if not isinstance(client, expected):
+            raise ConfigurationError(f"client must be a{hint}.")
+
     @property
     def policy(self) -> RefreshPolicy:
         """The refresh policy in force."""

@@ -21,7 +21,7 @@ from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, ManagerBase, log
 from m2m_agent._policy import RefreshPolicy
 from m2m_agent._refresh import CachedToken
 from m2m_agent._token import TokenFormat
-from m2m_agent.errors import ConfigurationError, StoreError
+from m2m_agent.errors import StoreError
 from m2m_agent.stores._base import TokenStore
 
 __all__ = ["TokenManager"]
@@ -84,13 +84,13 @@ class TokenManager(ManagerBase):
             revoke_on_close=revoke_on_close,
             store=store,
         )
-        if client is not None:
-            if machine_secret_key is not None or api_url is not None:
-                raise ConfigurationError("Give either client= or machine_secret_key/api_url.")
-            if not isinstance(client, ClerkM2MClient):
-                raise ConfigurationError(
-                    "client must be a ClerkM2MClient (use AsyncTokenManager for the async one)."
-                )
+        self._check_client(
+            client,
+            ClerkM2MClient,
+            key=machine_secret_key,
+            api_url=api_url,
+            hint=" ClerkM2MClient (use AsyncTokenManager for the async one)",
+        )
         self._client = client or ClerkM2MClient(machine_secret_key, api_url=api_url)
         self._own_client = client is None
         self._bind_store(

@@ -48,6 +48,7 @@ from m2m_agent._api import ApiCall, Endpoints
 from m2m_agent._client import DEFAULT_TIMEOUT, AsyncClerkM2MClient, ClerkM2MClient
 from m2m_agent._config import ENV_MACHINE_SECRET_KEY, resolve_api_url
 from m2m_agent._secrets import Secret
+from m2m_agent._send import asend, send
 from m2m_agent._token import M2MToken
 from m2m_agent._verify_core import (
     DEFAULT_CACHE_MAX_ENTRIES,
@@ -71,7 +72,7 @@ from m2m_agent._verify_core import (
     verified_from_jwt,
     verified_from_m2m_token,
 )
-from m2m_agent._verify_io import AsyncSingleFlight, SyncSingleFlight, asend, send
+from m2m_agent._verify_io import AsyncSingleFlight, SyncSingleFlight
 from m2m_agent._verify_keys import (
     ENV_JWT_KEY,
     ENV_SECRET_KEY,
