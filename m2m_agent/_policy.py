@@ -51,9 +51,9 @@ class RefreshPolicy:
     - ``wait_timeout=30``: a caller that has no usable token waits at most 30 s for a mint before
       :class:`~m2m_agent.TokenUnavailableError`.
     - ``initial_backoff=0.5``, ``max_backoff=30``: retries wait a random time between 0 and
-      ``min(max_backoff, initial_backoff * 2**n)`` ("full jitter"), and no more than half the
-      time the current token can still be served; at least ``Retry-After`` when Clerk sends
-      one; never more than ``max_backoff``. Only one attempt is ever in flight.
+      ``min(max_backoff, initial_backoff * 2**n)`` ("full jitter"), at least ``Retry-After`` when
+      Clerk sends one, and never more than ``max_backoff``. Only one attempt is ever in flight.
+      For very short tokens (seconds), lower both so retries fit in the refresh window.
     - ``rotation_grace=30``: a replaced opaque token is revoked 30 s after its successor arrived,
       so requests already sent with it can finish.
     - ``min_invalidate_age=5``: a token younger than 5 s is not dropped when a target rejects
@@ -108,23 +108,9 @@ class RefreshPolicy:
         # A short lifetime with a capped margin: never schedule the refresh past the margin.
         return min(point, lifetime - self.margin_seconds(lifetime))
 
-    def backoff(
-        self,
-        failures: int,
-        *,
-        retry_after: float | None,
-        rng: random.Random,
-        time_left: float | None = None,
-    ) -> float:
-        """Seconds to wait before the next attempt after ``failures`` consecutive failures.
-
-        ``time_left`` is how long the current token can still be served: the ceiling is kept to
-        half of it, so a short-lived token gets several tries before it runs out (one attempt
-        in flight all the same).
-        """
+    def backoff(self, failures: int, *, retry_after: float | None, rng: random.Random) -> float:
+        """Seconds to wait before the next attempt after ``failures`` consecutive failures."""
         ceiling = min(self.max_backoff, self.initial_backoff * 2 ** max(0, failures - 1))
-        if time_left is not None and time_left > 0:
-            ceiling = min(ceiling, max(0.05, time_left / 2))
         delay = rng.uniform(0, ceiling)
         if retry_after is not None:
             delay = max(delay, retry_after)

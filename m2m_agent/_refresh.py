@@ -360,13 +360,10 @@ class Coordinator:
         self.last_error = error
         self.last_error_fatal = not is_retryable(error)
         retry_after = getattr(error, "retry_after", None)
-        entry = self.current
-        servable = entry is not None and entry.state(now) is not TokenState.UNUSABLE
         self.next_attempt_at = now + self.policy.backoff(
             self.failures,
             retry_after=retry_after if isinstance(retry_after, (int, float)) else None,
             rng=self.rng,
-            time_left=entry.usable_until - now if servable and entry is not None else None,
         )
 
     def should_retry(self, now: float) -> bool:
