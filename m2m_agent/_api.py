@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from m2m_agent import _version
+from m2m_agent._config import finite_number
 from m2m_agent._secrets import Secret
 from m2m_agent._token import M2MToken, M2MTokenList, TokenFormat
 from m2m_agent.errors import (
@@ -45,6 +46,7 @@ __all__ = [
     "error_from_response",
     "parse_retry_after",
     "parse_token_object",
+    "with_timeout",
 ]
 
 T = TypeVar("T")
@@ -83,6 +85,12 @@ class ApiCall(Generic[T]):
     operation: str
     request: httpx.Request
     parse: Callable[[ApiResponse], T]
+
+
+def with_timeout(call: ApiCall[T], seconds: float) -> ApiCall[T]:
+    """``call`` with every phase of its request limited to ``seconds`` (for bounded shutdowns)."""
+    call.request.extensions["timeout"] = httpx.Timeout(max(0.001, seconds)).as_dict()
+    return call
 
 
 class BodyReader:
@@ -264,12 +272,8 @@ class Endpoints:
 
 
 def _positive_number(value: object) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    number = finite_number(value)
+    return number is not None and number > 0
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -287,7 +291,7 @@ def _json_body(response: ApiResponse) -> Any:
         )
     try:
         return json.loads(response.content)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MalformedResponseError(
             f"HTTP {response.status_code} response is not valid JSON ({type(exc).__name__}).",
             status_code=response.status_code,
@@ -331,9 +335,10 @@ def _parse_list(response: ApiResponse) -> M2MTokenList:
     tokens = tuple(parse_token_object(item, status_code=response.status_code) for item in items)
     if total is None:
         total = len(tokens)
-    if isinstance(total, bool) or not isinstance(total, (int, float)) or total < 0:
+    count = finite_number(total)
+    if count is None or count < 0:
         raise _malformed(response.status_code, "'total_count' is not a count")
-    return M2MTokenList(tokens=tokens, total_count=int(total))
+    return M2MTokenList(tokens=tokens, total_count=int(count))
 
 
 def _malformed(status_code: int, what: str) -> MalformedResponseError:
@@ -454,7 +459,7 @@ def error_from_response(response: ApiResponse) -> ClerkAPIError:
     code = message = long_message = trace_id = None
     try:
         data = json.loads(response.content) if response.content else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         data = None
     if isinstance(data, dict):
         errors = data.get("errors")

@@ -208,6 +208,8 @@ class AsyncTokenManager(ManagerBase):
             with self._lock:
                 delay = self._core.delay_before_attempt(_clock.now())
             await anyio.sleep(delay)
+            if self._core.closed:
+                return
             async with self._client() as client:
                 retrying = tenacity.AsyncRetrying(
                     sleep=anyio.sleep,
@@ -295,11 +297,16 @@ class AsyncTokenManager(ManagerBase):
             await self._revoke(client, token_id)
 
     async def _revoke(self, client: AsyncClerkM2MClient, token_id: str) -> None:
+        # Shielded and bounded: once an id has left the queue, cancelling us (aclose stopping
+        # the refresher, a cancelled owner) must not drop its revocation half-way.
         error: Exception | None = None
-        try:
-            await client.revoke_token(token_id, reason="rotated by m2m-agent")
-        except Exception as exc:  # best effort: logged and counted, never raised
-            error = exc
+        with anyio.CancelScope(shield=True), anyio.move_on_after(REVOKE_TIMEOUT) as budget:
+            try:
+                await client.revoke_token(token_id, reason="rotated by m2m-agent")
+            except Exception as exc:  # best effort: logged and counted, never raised
+                error = exc
+        if budget.cancel_called:
+            error = TimeoutError(f"no answer within {REVOKE_TIMEOUT:g}s")
         with self._lock:
             self._core.revocation_done(ok=error is None)
         self._log_revocation(token_id, error)
@@ -344,27 +351,43 @@ class AsyncTokenManager(ManagerBase):
     async def aclose(self) -> None:
         """Stop the refresher and revoke what this process alone owns (best effort, bounded).
 
-        Revokes tokens waiting out their rotation grace and, with ``revoke_on_close``, the
-        current opaque token. JWT-format tokens cannot be revoked and are left to expire.
+        Waits for a mint under way (its token would otherwise outlive the manager), then revokes
+        tokens waiting out their rotation grace and, with ``revoke_on_close``, the current
+        opaque token: all within ``REVOKE_TIMEOUT`` (5 s), and even when the caller is being
+        cancelled. JWT-format tokens cannot be revoked and are left to expire.
         """
         with self._lock:
-            to_revoke = self._core.close(revoke_current=self._revoke_on_close)
+            self._core.begin_close()
+            flight = self._flight
         task_group, self._task_group = self._task_group, None
-        if task_group is not None:
-            task_group.cancel_scope.cancel()
-            await task_group.__aexit__(None, None, None)
-        if to_revoke:
-            done: list[str] = []
-            with anyio.CancelScope(shield=True), anyio.move_on_after(REVOKE_TIMEOUT):
+        try:
+            if task_group is not None:
+                # Exited here, not inside the shield below: a task group's scope must be the
+                # innermost one when it exits. If we are being cancelled it still waits for the
+                # refresher (whose revocations are shielded), then the finally block runs.
+                task_group.cancel_scope.cancel()
+                await task_group.__aexit__(None, None, None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish_close(flight)
+
+    async def _finish_close(self, flight: _Flight | None) -> None:
+        to_revoke: list[str] = []
+        done: list[str] = []
+        with anyio.move_on_after(REVOKE_TIMEOUT):
+            if flight is not None:
+                await flight.wait(REVOKE_TIMEOUT)
+            with self._lock:
+                to_revoke = self._core.close(revoke_current=self._revoke_on_close)
+            if to_revoke:
                 async with self._client() as client:
                     for token_id in to_revoke:
                         await self._revoke(client, token_id)
                         done.append(token_id)
-            for token_id in to_revoke[len(done) :]:
-                log.warning("m2m_agent.token.revoke_skipped", token_id=token_id)
+        for token_id in to_revoke[len(done) :]:
+            log.warning("m2m_agent.token.revoke_skipped", token_id=token_id)
         if self._own_client:
-            with anyio.CancelScope(shield=True):
-                await self._template.aclose()
+            await self._template.aclose()
 
     def _reset_after_fork(self) -> None:
         self._flight = None

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import httpx
 
 from m2m_agent._api import ApiCall, Endpoints
-from m2m_agent._config import resolve_api_url, resolve_machine_secret_key
+from m2m_agent._config import check_timeout, resolve_api_url, resolve_machine_secret_key
 from m2m_agent._send import asend, send
 from m2m_agent._token import M2MToken, M2MTokenList, TokenFormat
 
@@ -39,6 +39,7 @@ class _ClientBase:
         allow_insecure_http: bool = False,
     ) -> None:
         self._key = resolve_machine_secret_key(machine_secret_key)
+        check_timeout(timeout)
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._endpoints = Endpoints(
             resolve_api_url(api_url, allow_insecure_http=allow_insecure_http),

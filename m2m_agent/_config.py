@@ -7,6 +7,7 @@ and none of them echoes the key.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from m2m_agent.errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_API_URL",
+    "finite_number",
     "ENV_API_URL",
     "ENV_MACHINE_SECRET_KEY",
     "is_loopback_host",
@@ -33,6 +35,36 @@ ENV_API_URL = "CLERK_API_URL"
 
 _KEY_CHARS = re.compile(r"^[A-Za-z0-9_\-]+$")
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+
+
+def finite_number(value: object) -> float | None:
+    """``value`` as a float if it is a real, finite number (not a bool), else None.
+
+    Safe on ints too large for a float, which ``math.isfinite`` refuses with ``OverflowError``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def check_timeout(value: object) -> None:
+    """Refuse a timeout that is not None, a positive number of seconds or an ``httpx.Timeout``.
+
+    Raises:
+        ConfigurationError: naming what was given.
+    """
+    if value is None or isinstance(value, httpx.Timeout):
+        return
+    number = finite_number(value)
+    if number is None or number <= 0:
+        raise ConfigurationError(
+            f"timeout must be a positive number of seconds, None or an httpx.Timeout, got "
+            f"{type(value).__name__}."
+        )
 
 
 def resolve_machine_secret_key(
@@ -127,26 +159,26 @@ def resolve_api_url(
         source = ENV_API_URL if value != DEFAULT_API_URL else "api_url"
     try:
         url = httpx.URL(str(value).strip())
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:
-        raise ConfigurationError(f"{source} is not a valid URL: {exc}") from None
-    if url.scheme not in ("http", "https") or not url.host:
+        host = url.host  # may raise for a punycode host that is not valid IDNA
+    except Exception:  # httpx.InvalidURL, idna.IDNAError, TypeError...
         raise ConfigurationError(
-            f"{source} must be an absolute http(s) URL such as {DEFAULT_API_URL!r}, "
-            f"got {_safe_url(url)!r}."
+            f"{source} is not a valid URL; it must look like {DEFAULT_API_URL!r}."
+        ) from None
+    # Messages name the scheme and host only: a key pasted as (or into) the URL never echoes.
+    where = f"{url.scheme}://{host}" if url.scheme in ("http", "https") and host else None
+    if url.scheme not in ("http", "https") or not host:
+        raise ConfigurationError(
+            f"{source} must be an absolute http(s) URL such as {DEFAULT_API_URL!r}; the value "
+            "given is not (is it a key in the wrong place?)."
         )
     if url.userinfo or url.query or url.fragment:
         raise ConfigurationError(
-            f"{source} must not carry credentials, a query or a fragment: got {_safe_url(url)!r}."
+            f"{source} ({where}) must not carry credentials, a query or a fragment."
         )
-    if url.scheme == "http" and not is_loopback_host(url.host) and not allow_insecure_http:
+    if url.scheme == "http" and not is_loopback_host(host) and not allow_insecure_http:
         raise ConfigurationError(
-            f"{source} {_safe_url(url)!r} is plain http to a non-loopback host, which would send "
-            "the machine secret key in clear text. Use https, or pass allow_insecure_http=True "
-            "if you really mean it."
+            f"{source} ({where}) is plain http to a non-loopback host, which would send the "
+            "machine secret key in clear text. Use https, or pass allow_insecure_http=True if "
+            "you really mean it."
         )
     return url.copy_with(path=url.path.rstrip("/") or "/")
-
-
-def _safe_url(url: httpx.URL) -> str:
-    """The URL without any userinfo, for error messages."""
-    return str(url.copy_with(username=None, password=None)) if url.userinfo else str(url)

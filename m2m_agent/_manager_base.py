@@ -6,7 +6,6 @@ decision is made by :class:`m2m_agent._refresh.Coordinator` under :attr:`_lock`.
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 import structlog
 
 from m2m_agent import _clock, _forksafe
+from m2m_agent._config import finite_number
 from m2m_agent._policy import RefreshPolicy
 from m2m_agent._refresh import CachedToken, Coordinator, Statistics
 from m2m_agent._secrets import fingerprint
@@ -51,14 +51,13 @@ class ManagerBase:
         revoke_on_close: bool,
         store: TokenStore | None,
     ) -> None:
-        if (
-            isinstance(lifetime, bool)
-            or not isinstance(lifetime, (int, float))
-            or not math.isfinite(lifetime)
-            or lifetime <= 0
-        ):
+        if (finite_number(lifetime) or 0) <= 0:
             raise ConfigurationError(
                 f"lifetime must be a positive number of seconds, got {lifetime!r}."
+            )
+        if claims is not None and not isinstance(claims, Mapping):
+            raise ConfigurationError(
+                f"claims must be a mapping of JSON values, got {type(claims).__name__}."
             )
         if token_format not in _FORMATS:
             raise ConfigurationError(

@@ -17,11 +17,11 @@ just before the mint request was sent)::
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 
 import tenacity
 
+from m2m_agent._config import finite_number
 from m2m_agent.errors import (
     ClerkAPIError,
     M2MAgentError,
@@ -82,12 +82,8 @@ class RefreshPolicy:
                 raise ConfigurationError(f"RefreshPolicy: {what}.")
 
         for name in (f.name for f in dataclasses.fields(self)):
-            value = getattr(self, name)
-            check(
-                isinstance(value, (int, float)) and not isinstance(value, bool),
-                f"{name} must be a number",
-            )
-            check(math.isfinite(value) and value >= 0, f"{name} must be finite and >= 0")
+            value = finite_number(getattr(self, name))
+            check(value is not None and value >= 0, f"{name} must be a finite number >= 0")
         check(0 < self.refresh_at < 1, "refresh_at must be a fraction of the lifetime in (0, 1)")
         check(self.jitter < self.refresh_at, "jitter must be smaller than refresh_at")
         check(self.margin < 1, "margin must be a fraction of the lifetime below 1")
@@ -110,7 +106,8 @@ class RefreshPolicy:
 
     def backoff(self, failures: int, *, retry_after: float | None, rng: random.Random) -> float:
         """Seconds to wait before the next attempt after ``failures`` consecutive failures."""
-        ceiling = min(self.max_backoff, self.initial_backoff * 2 ** max(0, failures - 1))
+        # The exponent is capped: 2**1024 overflows a float, and 2**60 is past any ceiling.
+        ceiling = min(self.max_backoff, self.initial_backoff * 2 ** min(60, max(0, failures - 1)))
         delay = rng.uniform(0, ceiling)
         if retry_after is not None:
             delay = max(delay, retry_after)

@@ -416,6 +416,10 @@ class Coordinator:
         self.pending_revocations = []
         self._counts["forks"] += 1
 
+    def begin_close(self) -> None:
+        """Closing: no new flight, no further retry; a mint under way may still land."""
+        self.closed = True
+
     def close(self, *, revoke_current: bool) -> list[str]:
         """Stop; return the ids to revoke now (queued ones, and the current if asked and ours)."""
         self.closed = True

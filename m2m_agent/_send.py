@@ -14,7 +14,7 @@ import httpx
 import structlog
 
 from m2m_agent._api import ApiCall, ApiResponse, BodyReader
-from m2m_agent.errors import TransportError
+from m2m_agent.errors import MalformedResponseError, TransportError
 
 __all__ = ["asend", "send"]
 
@@ -29,6 +29,14 @@ def _transport_error(call: ApiCall[Any], exc: httpx.TransportError) -> Transport
     return TransportError(
         f"Could not reach the Clerk API at {url.scheme}://{url.netloc.decode()} "
         f"({call.operation}): {type(exc).__name__}: {exc}"
+    )
+
+
+def _undecodable(call: ApiCall[Any], status_code: int) -> MalformedResponseError:
+    return MalformedResponseError(
+        f"The {call.operation} response body does not decode under its Content-Encoding.",
+        status_code=status_code,
+        code="undecodable_body",
     )
 
 
@@ -54,12 +62,18 @@ def send(http: httpx.Client, call: ApiCall[T]) -> T:
     try:
         response = http.send(call.request, stream=True)
         try:
-            for chunk in response.iter_bytes():
-                reader.feed(chunk, status_code=response.status_code)
+            chunks = response.iter_bytes()
+            try:
+                for chunk in chunks:
+                    reader.feed(chunk, status_code=response.status_code)
+            finally:
+                getattr(chunks, "close", lambda: None)()  # a generator left mid-body
         finally:
             response.close()
     except httpx.TransportError as exc:
         raise _transport_error(call, exc) from exc
+    except httpx.DecodingError:
+        raise _undecodable(call, response.status_code) from None
     return _received(call, response, reader.content, started)
 
 
@@ -70,10 +84,18 @@ async def asend(http: httpx.AsyncClient, call: ApiCall[T]) -> T:
     try:
         response = await http.send(call.request, stream=True)
         try:
-            async for chunk in response.aiter_bytes():
-                reader.feed(chunk, status_code=response.status_code)
+            achunks = response.aiter_bytes()
+            try:
+                async for chunk in achunks:
+                    reader.feed(chunk, status_code=response.status_code)
+            finally:
+                aclose = getattr(achunks, "aclose", None)  # an async generator left mid-body
+                if aclose is not None:
+                    await aclose()
         finally:
             await response.aclose()
     except httpx.TransportError as exc:
         raise _transport_error(call, exc) from exc
+    except httpx.DecodingError:
+        raise _undecodable(call, response.status_code) from None
     return _received(call, response, reader.content, started)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import tenacity
 
 from m2m_agent import _clock
+from m2m_agent._api import with_timeout
 from m2m_agent._client import ClerkM2MClient
 from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, ManagerBase, log
 from m2m_agent._policy import RefreshPolicy
@@ -160,7 +161,8 @@ class TokenManager(ManagerBase):
         try:
             with self._lock:
                 delay = self._core.delay_before_attempt(_clock.now())
-            self._stop.wait(delay)
+            if self._stop.wait(delay) or self._core.closed:
+                return
             retrying = tenacity.Retrying(
                 sleep=self._sleep,
                 retry=tenacity.retry_if_exception(lambda _: self._should_retry()),
@@ -248,10 +250,11 @@ class TokenManager(ManagerBase):
         for token_id in due:
             self._revoke(token_id)
 
-    def _revoke(self, token_id: str) -> None:
+    def _revoke(self, token_id: str, *, timeout: float | None = None) -> None:
         error: Exception | None = None
         try:
-            self._client.revoke_token(token_id, reason="rotated by m2m-agent")
+            call = self._client._endpoints.revoke(token_id, reason="rotated by m2m-agent")
+            self._client._call(call if timeout is None else with_timeout(call, timeout))
         except Exception as exc:  # best effort: logged and counted, never raised
             error = exc
         with self._lock:
@@ -308,21 +311,29 @@ class TokenManager(ManagerBase):
     def close(self) -> None:
         """Stop the refresher and revoke what this process alone owns (best effort, bounded).
 
-        Revokes tokens waiting out their rotation grace and, with ``revoke_on_close``, the
-        current opaque token. JWT-format tokens cannot be revoked and are left to expire.
+        Waits for a mint under way (its token would otherwise outlive the manager), then revokes
+        tokens waiting out their rotation grace and, with ``revoke_on_close``, the current
+        opaque token: all within ``REVOKE_TIMEOUT`` (5 s). JWT-format tokens cannot be revoked
+        and are left to expire.
         """
+        deadline = _clock.now() + REVOKE_TIMEOUT
+        with self._lock:
+            self._core.begin_close()
+            flight = self._flight
+            thread, self._refresher_thread = self._refresher_thread, None
+        self._stop.set()  # cuts backoff sleeps short: the flight ends after its current attempt
+        if flight is not None:
+            flight.done.wait(max(0.0, deadline - _clock.now()))
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - _clock.now()))
         with self._lock:
             to_revoke = self._core.close(revoke_current=self._revoke_on_close)
-            thread, self._refresher_thread = self._refresher_thread, None
-        self._stop.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(REVOKE_TIMEOUT)
-        deadline = _clock.now() + REVOKE_TIMEOUT
         for token_id in to_revoke:
-            if _clock.now() > deadline:
+            remaining = deadline - _clock.now()
+            if remaining <= 0:
                 log.warning("m2m_agent.token.revoke_skipped", token_id=token_id)
                 continue
-            self._revoke(token_id)
+            self._revoke(token_id, timeout=remaining)
         if self._own_client:
             self._client.close()
 

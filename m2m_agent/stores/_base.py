@@ -6,12 +6,12 @@ import abc
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import anyio.to_thread
 
+from m2m_agent._config import finite_number
 from m2m_agent._token import TokenFormat
 from m2m_agent.errors import StoreError
 
@@ -74,7 +74,7 @@ class StoredToken:
                 obtained_at=_number(data, "obtained_at"),
                 lifetime=_number(data, "lifetime"),
             )
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:
             raise StoreError(f"Stored token is unreadable ({type(exc).__name__}).") from None
         return stored
 
@@ -87,10 +87,10 @@ def _text(data: Mapping[str, Any], name: str) -> str:
 
 
 def _number(data: Mapping[str, Any], name: str) -> float:
-    value = data.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    value = finite_number(data.get(name))
+    if value is None:
         raise ValueError(name)
-    return float(value)
+    return value
 
 
 def store_key(

@@ -55,7 +55,13 @@ class FileStore(TokenStore):
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._leases: dict[str, int] = {}
         self._mutex = threading.Lock()
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"Cannot create the token cache folder {self.path.parent}: "
+                f"{exc.strerror or type(exc).__name__}. Choose another path."
+            ) from None
         self._check_private(self.path.parent, folder=True)
         _forksafe.register(self)
 
