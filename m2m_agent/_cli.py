@@ -33,6 +33,7 @@ from m2m_agent.errors import (
     ConfigurationError,
     InvalidTokenError,
     M2MAgentError,
+    StoreError,
     TokenUnavailableError,
     TransportError,
 )
@@ -337,7 +338,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     err = sys.stderr
     try:
         return handler(args, out or sys.stdout)
-    except ConfigurationError as exc:
+    except (ConfigurationError, StoreError) as exc:
         err.write(f"m2m-agent {args.command}: configuration error: {exc}\n")
         return EXIT_USAGE
     except (TransportError, TokenUnavailableError) as exc:

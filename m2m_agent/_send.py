@@ -59,8 +59,10 @@ def send(http: httpx.Client, call: ApiCall[T]) -> T:
     """
     started = time.monotonic()
     reader = BodyReader()
+    status_code = 0
     try:
         response = http.send(call.request, stream=True)
+        status_code = response.status_code
         try:
             chunks = response.iter_bytes()
             try:
@@ -73,7 +75,7 @@ def send(http: httpx.Client, call: ApiCall[T]) -> T:
     except httpx.TransportError as exc:
         raise _transport_error(call, exc) from exc
     except httpx.DecodingError:
-        raise _undecodable(call, response.status_code) from None
+        raise _undecodable(call, status_code) from None
     return _received(call, response, reader.content, started)
 
 
@@ -81,8 +83,10 @@ async def asend(http: httpx.AsyncClient, call: ApiCall[T]) -> T:
     """Send ``call`` and parse the answer; see :func:`send`."""
     started = time.monotonic()
     reader = BodyReader()
+    status_code = 0
     try:
         response = await http.send(call.request, stream=True)
+        status_code = response.status_code
         try:
             achunks = response.aiter_bytes()
             try:
@@ -97,5 +101,5 @@ async def asend(http: httpx.AsyncClient, call: ApiCall[T]) -> T:
     except httpx.TransportError as exc:
         raise _transport_error(call, exc) from exc
     except httpx.DecodingError:
-        raise _undecodable(call, response.status_code) from None
+        raise _undecodable(call, status_code) from None
     return _received(call, response, reader.content, started)
