@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import select
+from collections.abc import Callable
+from typing import Any
+
 import httpx
 import pytest
 
@@ -59,3 +65,31 @@ def _structlog_defaults():
     import structlog
 
     structlog.reset_defaults()
+
+
+def in_child(fn: Callable[[], dict[str, Any]], timeout: float = 10.0) -> dict[str, Any]:
+    """Run ``fn()`` in a forked child; return the JSON-able dict it returns.
+
+    Fails if the child hangs (a deadlock after fork) or exits non-zero.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 0
+        try:
+            result = fn()
+        except BaseException as exc:
+            result, code = {"error": repr(exc)}, 1
+        os.write(write_end, json.dumps(result).encode())
+        os._exit(code)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], timeout)
+        assert ready, "the child hung (deadlock after fork?)"
+        data = os.read(read_end, 65536)
+    finally:
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+    result: dict[str, Any] = json.loads(data)
+    assert os.waitstatus_to_exitcode(status) == 0, result
+    return result

@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -30,7 +28,7 @@ import pytest
 from m2m_agent import ConfigurationError, M2MAuth, TokenManager
 from m2m_agent.emulator import Emulator, Machine
 
-from .conftest import FAST, sync_client
+from .conftest import FAST, in_child, sync_client
 
 celery = pytest.importorskip("celery")
 m2m = importlib.import_module("m2m_agent.celery")
@@ -167,31 +165,6 @@ class TestAccessors:
         assert m2m.get_manager() is parent_manager
         assert m2m.get_client() is parent_client
         assert parent_manager.get_token() == parent_token
-
-
-def in_child(fn: Callable[[], dict[str, Any]], timeout: float = 10.0) -> dict[str, Any]:
-    """Run ``fn()`` in a forked child; return the JSON-able dict it returns."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 0
-        try:
-            result = fn()
-        except BaseException as exc:
-            result, code = {"error": repr(exc)}, 1
-        os.write(write_end, json.dumps(result).encode())
-        os._exit(code)
-    os.close(write_end)
-    try:
-        ready, _, _ = select.select([read_end], [], [], timeout)
-        assert ready, "the child hung (deadlock after fork?)"
-        data = os.read(read_end, 65536)
-    finally:
-        os.close(read_end)
-        _, status = os.waitpid(pid, 0)
-    result: dict[str, Any] = json.loads(data)
-    assert os.waitstatus_to_exitcode(status) == 0, result
-    return result
 
 
 # -- real workers -------------------------------------------------------------------------------

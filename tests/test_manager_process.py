@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from m2m_agent import (
 )
 from m2m_agent.emulator import Emulator, EmulatorServer, Fault, Machine
 
-from .conftest import FAST, async_client, sync_client
+from .conftest import FAST, async_client, in_child, sync_client
 
 fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -38,31 +37,6 @@ fork_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def server(emulator: Emulator) -> Iterator[EmulatorServer]:
     with emulator.serve() as server:
         yield server
-
-
-def in_child(fn: Any, timeout: float = 10.0) -> dict[str, Any]:
-    """Run ``fn()`` in a forked child; return the JSON-able dict it returns."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 0
-        try:
-            result = fn()
-        except BaseException as exc:
-            result, code = {"error": repr(exc)}, 1
-        os.write(write_end, json.dumps(result).encode())
-        os._exit(code)
-    os.close(write_end)
-    try:
-        ready, _, _ = select.select([read_end], [], [], timeout)
-        assert ready, "the child hung (deadlock after fork?)"
-        data = os.read(read_end, 65536)
-    finally:
-        os.close(read_end)
-        _, status = os.waitpid(pid, 0)
-    result: dict[str, Any] = json.loads(data)
-    assert os.waitstatus_to_exitcode(status) == 0, result
-    return result
 
 
 @fork_only

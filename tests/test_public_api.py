@@ -40,12 +40,13 @@ def test_every_public_name_is_documented(name):
             continue
         if not inspect.getdoc(obj):
             undocumented.append(attribute)
-        if inspect.isclass(obj):
-            for member, value in vars(obj).items():
-                if member.startswith("_") or not callable(value):
-                    continue
-                if not inspect.getdoc(value):
-                    undocumented.append(f"{attribute}.{member}")
+        if inspect.isclass(obj):  # inherited public methods count too
+            for klass in obj.__mro__[:-1]:
+                for member, value in vars(klass).items():
+                    if member.startswith("_") or not callable(value):
+                        continue
+                    if not inspect.getdoc(value):
+                        undocumented.append(f"{attribute}.{member}")
     assert undocumented == []
 
 
