@@ -24,7 +24,7 @@ import tenacity
 
 from m2m_agent import _clock
 from m2m_agent._client import AsyncClerkM2MClient
-from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, ManagerBase, log
+from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, LeaseBusy, ManagerBase, log
 from m2m_agent._policy import RefreshPolicy
 from m2m_agent._refresh import CachedToken
 from m2m_agent._token import TokenFormat
@@ -213,15 +213,21 @@ class AsyncTokenManager(ManagerBase):
             async with self._client() as client:
                 retrying = tenacity.AsyncRetrying(
                     sleep=anyio.sleep,
-                    retry=tenacity.retry_if_exception(lambda _: self._should_retry()),
+                    retry=tenacity.retry_if_exception(self._retry_now),
                     wait=lambda _: self._retry_delay(),
                     reraise=True,
                 )
                 try:
                     async for attempt in retrying:
                         with attempt:
-                            await self._attempt(client)
-                except Exception:  # noqa: S110 - recorded and logged by _attempt
+                            try:
+                                await self._attempt(client)
+                            except LeaseBusy:
+                                raise
+                            except Exception as exc:
+                                self._record_failure(exc)
+                                raise
+                except Exception:  # noqa: S110 - recorded and logged above
                     pass
                 await self._revoke_due(client)
         finally:
@@ -230,14 +236,6 @@ class AsyncTokenManager(ManagerBase):
                 if self._flight is flight:
                     self._flight = None
             flight.finish()
-
-    def _should_retry(self) -> bool:
-        with self._lock:
-            return self._core.should_retry(_clock.now())
-
-    def _retry_delay(self) -> float:
-        with self._lock:
-            return self._core.delay_before_attempt(_clock.now())
 
     async def _attempt(self, client: AsyncClerkM2MClient) -> None:
         """One attempt: adopt a shared token, or take the lease and mint (or just mint)."""
@@ -273,20 +271,11 @@ class AsyncTokenManager(ManagerBase):
 
     async def _mint(self, client: AsyncClerkM2MClient, *, owned: bool) -> CachedToken:
         sent_at = _clock.now()
-        try:
-            token = await client.create_token(**self._minted_args())
-            with self._lock:
-                entry = self._core.attempt_succeeded(
-                    token, sent_at=sent_at, now=_clock.now(), owned=owned
-                )
-        except Exception as exc:
-            with self._lock:
-                now = _clock.now()
-                self._core.attempt_failed(exc, now)
-                retry_in = self._core.delay_before_attempt(now)
-                retrying = self._core.should_retry(now)
-            self._log_failure(exc, retry_in=retry_in if retrying else None)
-            raise
+        token = await client.create_token(**self._minted_args())
+        with self._lock:
+            entry = self._core.attempt_succeeded(
+                token, sent_at=sent_at, now=_clock.now(), owned=owned
+            )
         self._log_minted(entry)
         return entry
 

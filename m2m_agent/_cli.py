@@ -8,6 +8,7 @@ Exit codes a shell user can act on:
 - 1: Clerk said no (an invalid token, a refused request);
 - 2: a usage or configuration mistake (the message says what to fix);
 - 3: Clerk could not be reached, or no token could be had in time;
+- 126: ``exec`` could not run the command (not executable);
 - 130: interrupted.
 """
 
@@ -44,6 +45,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_CANNOT_EXECUTE = 126
 EXIT_INTERRUPTED = 130
 
 
@@ -150,6 +152,9 @@ def _cmd_exec(args: argparse.Namespace, out: TextIO) -> int:
         return subprocess.call(command, env=env)  # noqa: S603 - the user's own command
     except FileNotFoundError:
         raise ConfigurationError(f"exec: command not found: {command[0]}") from None
+    except OSError as exc:  # not executable, a directory...
+        sys.stderr.write(f"m2m-agent exec: cannot run {command[0]}: {exc.strerror or exc}\n")
+        return EXIT_CANNOT_EXECUTE
 
 
 def _add_token_options(parser: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ from m2m_agent.errors import ClerkAPIError, ConfigurationError, StoreError, Toke
 from m2m_agent.stores._base import StoredToken, TokenStore, store_key
 from m2m_agent.stores._memory import MemoryStore
 
-__all__ = ["LEASE_TTL", "ManagerBase", "log"]
+__all__ = ["LEASE_TTL", "LeaseBusy", "ManagerBase", "log"]
 
 log = structlog.get_logger("m2m_agent")
 
@@ -118,10 +118,34 @@ class ManagerBase:
         with self._lock:
             return self._core.to_stored(entry, now=_clock.now(), wall_now=time.time())
 
-    def _lease_busy(self) -> _LeaseBusy:
+    def _retry_now(self, error: BaseException) -> bool:
+        """Tenacity's retry predicate: never on cancellation, else as the core decides."""
+        if not isinstance(error, Exception):
+            return False
+        with self._lock:
+            return self._core.should_retry(_clock.now())
+
+    def _retry_delay(self) -> float:
+        with self._lock:
+            return self._core.delay_before_attempt(_clock.now())
+
+    def _record_failure(self, error: Exception) -> None:
+        """Count, log and back off a failed attempt.
+
+        Every failure (the API, a store misconfiguration, a bug) goes through here: none is
+        retried at once or hidden.
+        """
+        with self._lock:
+            now = _clock.now()
+            self._core.attempt_failed(error, now)
+            retry_in = self._core.delay_before_attempt(now)
+            retrying = self._core.should_retry(now)
+        self._log_failure(error, retry_in=retry_in if retrying else None)
+
+    def _lease_busy(self) -> LeaseBusy:
         with self._lock:
             self._core.lease_busy(_clock.now())
-        return _LeaseBusy()
+        return LeaseBusy()
 
     @staticmethod
     def _check_client(
@@ -221,7 +245,7 @@ class ManagerBase:
         """Drop whatever the parent's threads or tasks held (overridden by the drivers)."""
 
 
-class _LeaseBusy(Exception):  # noqa: N818 - a signal to retry, not an error
+class LeaseBusy(Exception):  # noqa: N818 - a signal to retry, not an error
     """Another process holds the shared store's mint lease: look again shortly."""
 
 

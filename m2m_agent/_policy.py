@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import random
 
-import tenacity
-
 from m2m_agent._config import finite_number
 from m2m_agent.errors import (
     ClerkAPIError,
@@ -113,26 +111,6 @@ class RefreshPolicy:
             delay = max(delay, retry_after)
         return min(delay, self.max_backoff)
 
-    def wait_strategy(self, rng: random.Random) -> tenacity.wait.wait_base:
-        """A tenacity wait: full-jitter exponential backoff that honours ``Retry-After``."""
-        return _WaitBackoff(self, rng)
-
-
-class _WaitBackoff(tenacity.wait.wait_base):
-    """Full jitter, at least Retry-After, capped (a tenacity wait strategy)."""
-
-    def __init__(self, policy: RefreshPolicy, rng: random.Random) -> None:
-        self._policy = policy
-        self._rng = rng
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        outcome = retry_state.outcome
-        error = outcome.exception() if outcome is not None else None
-        retry_after = error.retry_after if isinstance(error, ClerkAPIError) else None
-        return self._policy.backoff(
-            retry_state.attempt_number, retry_after=retry_after, rng=self._rng
-        )
-
 
 def is_retryable(error: BaseException) -> bool:
     """Whether a failed mint is worth another attempt.
@@ -140,6 +118,8 @@ def is_retryable(error: BaseException) -> bool:
     Transport failures, 408, 429, 5xx and malformed responses are (a proxy hiccup, an overloaded
     Clerk). Every other 4xx is not: a wrong key or a bad request will not fix itself.
     """
+    if isinstance(error, MalformedResponseError) and error.code == "refresh_rejected":
+        return False  # a mint that succeeded but is unusable: another one costs, and won't help
     if isinstance(error, (TransportError, RateLimitError, ServerError, MalformedResponseError)):
         return True
     if isinstance(error, ClerkAPIError):

@@ -435,13 +435,18 @@ class Coordinator:
         """Whether a background refresher should start a flight now."""
         entry = self.current
         fresh = entry is not None and entry.state(now) is TokenState.FRESH
-        return not (fresh or self.flight_active or self.closed) and now >= self.next_attempt_at
+        if fresh or self.flight_active or self.closed or self.last_error_fatal:
+            # After a fatal error (a wrong key), only a caller asking again re-probes.
+            return False
+        return now >= self.next_attempt_at
 
     def next_wakeup(self, now: float) -> float:
         """When a background refresher should next look (monotonic seconds)."""
         entry = self.current
         if entry is not None and entry.state(now) is TokenState.FRESH:
             wake = entry.refresh_after
+        elif self.last_error_fatal:
+            wake = max(self.next_attempt_at, now + self.policy.max_backoff)  # look, don't probe
         else:
             wake = self.next_attempt_at
         revocation = self.next_revocation_at()

@@ -18,7 +18,7 @@ import tenacity
 from m2m_agent import _clock
 from m2m_agent._api import with_timeout
 from m2m_agent._client import ClerkM2MClient
-from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, ManagerBase, log
+from m2m_agent._manager_base import LEASE_TTL, REVOKE_TIMEOUT, LeaseBusy, ManagerBase, log
 from m2m_agent._policy import RefreshPolicy
 from m2m_agent._refresh import CachedToken
 from m2m_agent._token import TokenFormat
@@ -165,15 +165,21 @@ class TokenManager(ManagerBase):
                 return
             retrying = tenacity.Retrying(
                 sleep=self._sleep,
-                retry=tenacity.retry_if_exception(lambda _: self._should_retry()),
+                retry=tenacity.retry_if_exception(self._retry_now),
                 wait=lambda _: self._retry_delay(),
                 reraise=True,
             )
             try:
                 for attempt in retrying:
                     with attempt:
-                        self._attempt()
-            except Exception:  # noqa: S110 - recorded and logged by _attempt
+                        try:
+                            self._attempt()
+                        except LeaseBusy:
+                            raise
+                        except Exception as exc:
+                            self._record_failure(exc)
+                            raise
+            except Exception:  # noqa: S110 - recorded and logged above
                 pass
             self._revoke_due()
         finally:
@@ -185,14 +191,6 @@ class TokenManager(ManagerBase):
 
     def _sleep(self, seconds: float) -> None:
         self._stop.wait(seconds)  # close() cuts a backoff short
-
-    def _should_retry(self) -> bool:
-        with self._lock:
-            return self._core.should_retry(_clock.now())
-
-    def _retry_delay(self) -> float:
-        with self._lock:
-            return self._core.delay_before_attempt(_clock.now())
 
     def _attempt(self) -> None:
         """One attempt: adopt a shared token, or take the lease and mint (or just mint)."""
@@ -227,20 +225,11 @@ class TokenManager(ManagerBase):
 
     def _mint(self, *, owned: bool) -> CachedToken:
         sent_at = _clock.now()
-        try:
-            token = self._client.create_token(**self._minted_args())
-            with self._lock:
-                entry = self._core.attempt_succeeded(
-                    token, sent_at=sent_at, now=_clock.now(), owned=owned
-                )
-        except Exception as exc:
-            with self._lock:
-                now = _clock.now()
-                self._core.attempt_failed(exc, now)
-                retry_in = self._core.delay_before_attempt(now)
-                retrying = self._core.should_retry(now)
-            self._log_failure(exc, retry_in=retry_in if retrying else None)
-            raise
+        token = self._client.create_token(**self._minted_args())
+        with self._lock:
+            entry = self._core.attempt_succeeded(
+                token, sent_at=sent_at, now=_clock.now(), owned=owned
+            )
         self._log_minted(entry)
         return entry
 

@@ -172,3 +172,23 @@ def test_emulator_refuses_a_public_address():
     result = run("emulator", "--host", "0.0.0.0")
     assert result.returncode == 2
     assert "loopback" in result.stderr
+
+
+def test_exec_of_a_command_that_cannot_run_is_exit_126(tmp_path):
+    from m2m_agent.emulator import Emulator
+
+    emulator = Emulator()
+    machine = emulator.create_machine("worker")
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o600)  # not executable
+    with emulator.serve() as server:
+        result = run(
+            "exec",
+            "--no-cache",
+            "--",
+            str(script),
+            env={"CLERK_API_URL": server.url, "CLERK_MACHINE_SECRET_KEY": machine.secret_key},
+        )
+    assert result.returncode == 126
+    assert "cannot run" in result.stderr

@@ -429,3 +429,41 @@ class TestConfiguration:
         stats = manager.statistics()
         with pytest.raises(dataclasses.FrozenInstanceError):
             stats.mints = 5  # type: ignore[misc]
+
+
+class TestReviewRegressions:
+    async def test_an_unsafe_store_fails_fast_with_its_cause(self, make, tmp_path):
+        """A token file others can read is a configuration error: callers learn it at once,
+        nothing spins."""
+        import os
+
+        from m2m_agent.stores import FileStore
+
+        path = tmp_path / "tokens.json"
+        store = FileStore(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+        os.chmod(path, 0o644)
+        face = make(store=store)
+        started = time.monotonic()
+        with pytest.raises(TokenUnavailableError) as info:
+            await face.get_token()
+        assert time.monotonic() - started < 0.5
+        assert isinstance(info.value.__cause__, ConfigurationError)
+        assert "chmod 600" in str(info.value)
+        assert face.statistics().refresh_failures == 1
+
+    async def test_the_refresher_stops_probing_after_a_fatal_error(self, emulator, make):
+        bad = Machine(id="mch_" + "y" * 27, name="ghost", secret_key="ak_test_" + "1" * 32)
+        face = make(machine=bad)
+        async with face.entered():
+            await anyio.sleep(1.5)
+        assert emulator.counters.requests["create"] == 1, "a wrong key is not retried"
+
+
+def test_a_rejected_mint_is_not_retried():
+    from m2m_agent._policy import is_retryable
+    from m2m_agent.errors import MalformedResponseError
+
+    assert not is_retryable(MalformedResponseError("short", code="refresh_rejected"))
+    assert is_retryable(MalformedResponseError("garbled", code="invalid_json"))
